@@ -1,0 +1,102 @@
+"""The LI-DiT backbone: patchify -> residual conv position block -> adaLN-Zero DiT blocks with
+self-attention and cross-attention to the fused text tokens (both with QK RMSNorm) -> modulated final layer.
+
+No absolute 2D position table: the depthwise conv block gives tokens their position, so any latent size
+divisible by the patch size works, including sizes never seen in training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lidit.layers import MLP, AdaLN, Attention, modulate
+
+
+class ConvPositionBlock(nn.Module):
+    """Residual depthwise 3x3 conv over the token grid (conditional position encoding)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)  # (B, D, h, w)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: modulated self-attn, modulated cross-attn to text, modulated MLP, each gated."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.self_attn = Attention(dim, heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.cross_attn = Attention(dim, heads, qk_norm=qk_norm)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, mlp_ratio)
+        self.ada = AdaLN(dim, dim, chunks=9)
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        s1, sc1, g1, s2, sc2, g2, s3, sc3, g3 = self.ada(c)  # (B, D) each
+        x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), s1, sc1))
+        x = x + g2.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), s2, sc2), text, text_mask)
+        x = x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), s3, sc3))
+        return x  # (B, N, D)
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm + zero-init linear to patch pixels."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada = AdaLN(dim, dim, chunks=2)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(c)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
+
+
+class LiDiT(nn.Module):
+    """The diffusion transformer. Text conditioning arrives already fused (B, S, D) with its mask."""
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        patch_size: int = 2,
+        dim: int = 384,
+        depth: int = 12,
+        heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.pos_block = ConvPositionBlock(dim)
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.final = FinalLayer(dim, patch_size, in_channels)
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, C, H, W) latents, c (B, D) condition, text (B, S, D), text_mask (B, S) -> (B, C, H, W)."""
+        b, _, height, width = x.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not divisible by patch size {p}")
+        h, w = height // p, width // p
+        tokens = self.pos_block(self.patch_embed(x))  # (B, D, h, w)
+        tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
+        for block in self.blocks:
+            tokens = block(tokens, c, text, text_mask)
+        out = self.final(tokens, c)  # (B, N, p*p*C)
+        out = out.view(b, h, w, p, p, self.in_channels)
+        return torch.einsum("bhwpqc->bchpwq", out).reshape(b, self.in_channels, height, width)

@@ -1,0 +1,38 @@
+"""Content fingerprints for models and sources: what the cache and the registry use to tell stale from fresh."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+CHUNK = 8 * 2**20
+# Files that define a checkpoint; tokenizer and config files matter as much as the weights.
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".bin")
+
+
+def hash_file(path: str | Path, digest: Any | None = None) -> str:
+    """sha256 of a file's bytes (streamed)."""
+    h = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_model_dir(path: str | Path) -> str:
+    """sha256 over the names and bytes of a checkpoint directory's weight, config and tokenizer files."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory not found: {root}")
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES):
+        h.update(str(file.relative_to(root)).encode())
+        hash_file(file, h)
+    return h.hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    """sha256 of a canonical JSON rendering (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,104 @@
+"""Building blocks shared by the refiners and the LI-DiT backbone: attention with QK RMSNorm and key
+masks, MLPs, adaLN modulation helpers and masked pooling. Single-device PyTorch, no distributed code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: `x * (1 + scale) + shift` with (B, D) modulation broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid tokens: x (B, T, D), mask (B, T) bool -> (B, D); rows with no valid token give 0."""
+    weights = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    total = (x * weights).sum(dim=1)  # (B, D)
+    return total / weights.sum(dim=1).clamp(min=1.0)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) with optional QK RMSNorm and a boolean key-padding mask.
+
+    Queries whose every key is masked (a sample with no valid context) output zeros instead of NaN.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qk_norm: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.to_out = nn.Linear(dim, dim)
+        # QK RMSNorm keeps attention logits bounded when text features have large norms (LLM states do).
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """x (B, N, D); context (B, S, Dc) or None for self-attention; key_mask (B, S) bool, True = attend."""
+        context = x if context is None else context
+        b, n, _ = x.shape
+        s = context.shape[1]
+        q = self.to_q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
+        k, v = self.to_kv(context).view(b, s, 2, self.heads, self.head_dim).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+
+        mask = None
+        empty = None
+        if key_mask is not None or causal:
+            mask = torch.ones(b, 1, n, s, dtype=torch.bool, device=x.device)
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, :].bool()
+            if causal:
+                mask = mask & torch.ones(n, s, dtype=torch.bool, device=x.device).tril()
+            empty = ~mask.any(dim=-1, keepdim=True)  # (B, 1, N, 1)
+            mask = mask | empty  # avoid NaN softmax; those rows are zeroed below
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, hd)
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)
+        out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, D)
+        return self.to_out(out)
+
+
+class MLP(nn.Module):
+    """Linear -> GELU(tanh) -> Linear, the DiT feed-forward."""
+
+    def __init__(self, dim: int, ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class AdaLN(nn.Module):
+    """SiLU -> zero-initialised Linear producing `chunks` (B, D) modulation vectors (adaLN-Zero)."""
+
+    def __init__(self, cond_dim: int, dim: int, chunks: int) -> None:
+        super().__init__()
+        self.chunks = chunks
+        self.linear = nn.Linear(cond_dim, chunks * dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Zero init: every gate starts at 0 so each residual branch starts switched off.
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(c)).chunk(self.chunks, dim=-1)

@@ -1,0 +1,87 @@
+"""Training objectives and the matching diffusers samplers.
+
+- `epsilon`: DDPM noise prediction, the paper's objective. Noise schedule from diffusers `DDPMScheduler`;
+  sampling with DDIM (default), DDPM or DPM-Solver++ built from the same scheduler config.
+- `flow` (ours): rectified flow, velocity = noise - x0 with logit-normal timesteps (SD3 / Sana style);
+  sampling with `FlowMatchEulerDiscreteScheduler`.
+
+Timesteps fed to the model are in [0, 1000) for both, so the same timestep embedding serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+ObjectiveName = Literal["epsilon", "flow"]
+SAMPLERS: dict[str, tuple[str, ...]] = {"epsilon": ("ddim", "ddpm", "dpm"), "flow": ("euler",)}
+DEFAULT_SAMPLER = {"epsilon": "ddim", "flow": "euler"}
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class TrainingTargets:
+    """One batch of noisy inputs, model timesteps (B,) and regression targets."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+def ddpm_scheduler() -> DDPMScheduler:
+    """The training noise schedule of the epsilon objective (DiT's linear betas)."""
+    return DDPMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02
+    )
+
+
+def training_targets(
+    objective: ObjectiveName, x0: torch.Tensor, generator: torch.Generator | None = None
+) -> TrainingTargets:
+    """Sample timesteps and noise for clean latents x0 (B, C, H, W)."""
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if objective == "epsilon":
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=generator, device=x0.device)
+        noisy = ddpm_scheduler().add_noise(x0, noise, t)
+        return TrainingTargets(noisy, t.float(), noise)
+    if objective == "flow":
+        # Logit-normal timesteps concentrate training on the middle of the path (SD3).
+        u = torch.sigmoid(torch.randn(b, generator=generator, device=x0.device, dtype=x0.dtype))
+        sigma = u.view(b, 1, 1, 1)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        return TrainingTargets(noisy, u * NUM_TRAIN_TIMESTEPS, noise - x0)
+    raise ValueError(f"unknown objective {objective!r}; choose epsilon or flow")
+
+
+def cfg_drop_mask(batch: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rows whose text is dropped for classifier-free guidance training (B,) bool."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"text drop probability must be in [0, 1), got {p}")
+    return torch.rand(batch, generator=generator) < p
+
+
+def make_scheduler(objective: ObjectiveName, sampler: str | None = None) -> SchedulerMixin:
+    """A diffusers scheduler that samples from a model trained with `objective`."""
+    sampler = sampler or DEFAULT_SAMPLER[objective]
+    if sampler not in SAMPLERS.get(objective, ()):
+        raise ValueError(
+            f"sampler {sampler!r} does not fit objective {objective!r}; use one of {SAMPLERS[objective]}"
+        )
+    if objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+    base = ddpm_scheduler().config
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(base, timestep_spacing="trailing", set_alpha_to_one=False)
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(base, timestep_spacing="trailing")
+    return DDPMScheduler.from_config(base)

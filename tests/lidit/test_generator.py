@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec, TextFeatures, count_parameters
+from lidit.presets import PRESETS
+
+BRANCHES = [TextBranchSpec(name="llama", hidden_size=48), TextBranchSpec(name="qwen", hidden_size=64)]
+
+
+def _texts(
+    b: int = 2, prefix: tuple[int, int] = (4, 3), lens: tuple[int, int] = (6, 8)
+) -> list[TextFeatures]:
+    out = []
+    for spec, p, n in zip(BRANCHES, prefix, lens, strict=True):
+        mask = torch.ones(b, p + n, dtype=torch.bool)
+        out.append(TextFeatures(torch.randn(b, p + n, spec.hidden_size), mask, p))
+    return out
+
+
+def _trained_like(model: LiDiTGenerator) -> LiDiTGenerator:
+    for name, p in model.named_parameters():
+        if "ada" in name or "gates" in name or "final.linear" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_output_shape_and_zero_init() -> None:
+    model = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES))
+    x = torch.randn(2, 4, 16, 16)
+    out = model(x, torch.tensor([10.0, 900.0]), _texts())
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the final layer starts at zero
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 24), (32, 16)])
+def test_any_latent_size_divisible_by_patch(size: tuple[int, int]) -> None:
+    model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES)))
+    x = torch.randn(1, 4, *size)
+    assert model(x, torch.tensor([500.0]), _texts(b=1)).shape == x.shape
+
+
+def test_latent_size_not_divisible_is_a_clear_error() -> None:
+    model = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES))
+    with pytest.raises(ValueError, match="not divisible by patch size"):
+        model(torch.randn(1, 4, 15, 16), torch.tensor([1.0]), _texts(b=1))
+
+
+def test_text_padding_does_not_change_output() -> None:
+    model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES)))
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300.0])
+    texts = _texts(b=1)
+    padded = []
+    for f in texts:
+        extra = torch.randn(1, 5, f.states.shape[-1])
+        padded.append(
+            TextFeatures(
+                torch.cat([f.states, extra], 1),
+                torch.cat([f.mask, torch.zeros(1, 5, dtype=torch.bool)], 1),
+                f.prefix_len,
+            )
+        )
+    torch.testing.assert_close(model(x, t, padded), model(x, t, texts), atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_tokens_do_not_reach_the_backbone_directly() -> None:
+    model = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES))
+    texts = _texts(b=2, prefix=(4, 3), lens=(6, 8))
+    t_emb = torch.randn(2, model.config.dim)
+    tokens, mask = model.encode_text(texts, t_emb)
+    assert tokens.shape[1] == 6 + 8 + 1  # prompt tokens of both branches + the null token
+    assert mask.all()
+
+
+def test_empty_prompt_without_prefix_is_finite() -> None:
+    model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES)))
+    texts = [f.drop_prompt(torch.ones(2, dtype=torch.bool)) for f in _texts(prefix=(0, 0))]
+    assert not texts[0].mask.any()
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([5.0, 6.0]), texts)
+    assert torch.isfinite(out).all()
+
+
+def test_save_load_round_trip_is_exact(tmp_path) -> None:
+    model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, fusion="concat")))
+    model.save_pretrained(tmp_path / "gen")
+    loaded = LiDiTGenerator.from_pretrained(tmp_path / "gen")
+    assert loaded.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    x, t, texts = torch.randn(1, 4, 8, 8), torch.tensor([42.0]), _texts(b=1)
+    assert torch.equal(model(x, t, texts), loaded(x, t, texts))
+
+
+def test_single_llm_skips_collaborative_refiner() -> None:
+    model = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES[:1]))
+    assert model.collaborative is None
+    assert (
+        LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, fusion="concat")).collaborative is None
+    )
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        GeneratorConfig(encoders=BRANCHES, dim=30, heads=4)
+    with pytest.raises(ValueError, match="unique"):
+        GeneratorConfig(encoders=[BRANCHES[0], BRANCHES[0]])
+    with pytest.raises(ValueError, match="unknown preset"):
+        GeneratorConfig.from_preset("huge", BRANCHES)
+
+
+def test_paper_presets_parameter_counts() -> None:
+    llms = [TextBranchSpec(name=f"l{i}", hidden_size=4096) for i in range(2)]
+    one_b = count_parameters(GeneratorConfig.from_preset("LI-DiT-1B", llms[:1]))
+    ten_b = count_parameters(GeneratorConfig.from_preset("LI-DiT-10B", llms))
+    assert 0.9e9 < one_b < 1.2e9
+    assert 9.5e9 < ten_b < 11e9
+    assert PRESETS["LI-DiT-1B"].depth == 28 and PRESETS["LI-DiT-10B"].heads == 44
