@@ -1,0 +1,119 @@
+"""MLflow glue shared by training (register) and serving (resolve): one place for the registry contract.
+
+Contract: a registered model version's artifacts are a pipeline directory (`pipeline.json` + `generator/`, see
+`lidit.pipeline`) at the root of the version's source. Lineage lives in version tags (`cache_manifest`,
+`encoder.<name>`, `vae`, `git_commit`). Serving asks for `models:/NAME@ALIAS`, `models:/NAME/VERSION`, or a
+local export directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from lidit.config import lidit_home, mlflow_artifact_root, mlflow_tracking_uri
+
+PIPELINE_ARTIFACT = "pipeline"
+
+
+def configure_mlflow(experiment: str | None = None) -> str:
+    """Point MLflow at `mlflow_tracking_uri()`; create `experiment` with artifacts under LIDIT_HOME when local.
+
+    Returns the tracking URI. Safe to call repeatedly and from any process.
+    """
+    import mlflow
+
+    uri = mlflow_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
+    if experiment:
+        client = mlflow.MlflowClient()
+        if client.get_experiment_by_name(experiment) is None:
+            location = mlflow_artifact_root() + f"/{experiment}" if uri.startswith("sqlite") else None
+            try:
+                client.create_experiment(experiment, artifact_location=location)
+            except Exception:  # created concurrently by another process
+                if client.get_experiment_by_name(experiment) is None:
+                    raise
+        mlflow.set_experiment(experiment)
+    return uri
+
+
+def register_pipeline(
+    run_id: str, name: str, tags: dict[str, str] | None = None, alias: str | None = None
+) -> str:
+    """Register the pipeline directory logged under `PIPELINE_ARTIFACT` of `run_id`; returns the version."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="LI-DiT generator pipeline (refiners + DiT)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/{PIPELINE_ARTIFACT}"
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def resolve_version(model_uri: str) -> tuple[str, str] | None:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (name, version); None for a local path."""
+    if not model_uri.startswith("models:/"):
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    ref = model_uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, version = ref.rsplit("/", 1)
+    return name, version
+
+
+def fetch_pipeline(model_uri: str, dst: str | Path | None = None) -> Path:
+    """A local pipeline directory for `model_uri` (registry URI, runs:/ URI or local directory)."""
+    local = Path(model_uri)
+    if "://" not in model_uri and not model_uri.startswith("models:/"):
+        if not (local / "pipeline.json").is_file():
+            raise FileNotFoundError(f"{local} is not a LI-DiT pipeline directory (no pipeline.json)")
+        return local
+    import mlflow
+
+    resolved = resolve_version(model_uri)
+    if dst is None:
+        base = lidit_home() / "models"
+        base.mkdir(parents=True, exist_ok=True)
+        label = f"{resolved[0]}-v{resolved[1]}" if resolved else "download"
+        dst = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
+    uri = f"models:/{resolved[0]}/{resolved[1]}" if resolved else model_uri
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    if not (path / "pipeline.json").is_file() and (path / PIPELINE_ARTIFACT / "pipeline.json").is_file():
+        path = path / PIPELINE_ARTIFACT
+    if not (path / "pipeline.json").is_file():
+        raise FileNotFoundError(f"{model_uri} does not hold a LI-DiT pipeline (no pipeline.json)")
+    return path
+
+
+def git_commit() -> str:
+    """The repository's commit for lineage tags ('unknown' outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
