@@ -7,6 +7,7 @@ setting one variable. MLflow follows its own convention: `MLFLOW_TRACKING_URI` w
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,6 +86,13 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def expand_vars(text: str) -> str:
+    """Expand `${VAR}` / `$VAR` in config text; `${LIDIT_HOME}` is always defined (the state root)."""
+    env = dict(os.environ)
+    env.setdefault("LIDIT_HOME", str(lidit_home()))
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
 def load_config(
     cls: type[ModelT], path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> ModelT:
@@ -95,7 +103,7 @@ def load_config(
         if not file.is_file():
             raise ConfigError(f"config file not found: {file}")
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
+            loaded = yaml.safe_load(expand_vars(file.read_text())) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):

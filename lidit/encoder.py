@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from lidit.config import StrictModel
 from lidit.fingerprint import hash_json, hash_model_dir
@@ -69,6 +70,7 @@ class PromptEncoder:
         path = Path(config.path)
         if not path.is_dir():
             raise FileNotFoundError(f"encoder {config.name!r}: model directory not found: {path}")
+        hf_logging.disable_progress_bar()  # per-checkpoint progress bars drown a build's own progress output
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[config.dtype])
         # The LM head is never used: keep only the decoder stack (saves memory on big vocabularies).

@@ -60,3 +60,13 @@ def test_lidit_home_and_mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert mlflow_tracking_uri() == f"sqlite:///{(tmp_path / 'home' / 'mlflow' / 'mlflow.db').resolve()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert mlflow_tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_env_vars_expand_in_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIDIT_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("RUN_NAME", "exp1")
+    f = tmp_path / "c.yaml"
+    f.write_text("name: ${RUN_NAME}-$RUN_NAME\ntags: ['${LIDIT_HOME}/cache', '${NOT_SET}']\n")
+    cfg = load_config(Outer, f)
+    assert cfg.name == "exp1-exp1"
+    assert cfg.tags == [f"{(tmp_path / 'h').resolve()}/cache", "${NOT_SET}"]

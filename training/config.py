@@ -1,0 +1,87 @@
+"""`TrainConfig`: everything a training run needs, validated, loadable from YAML with `--set` overrides."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lidit.config import StrictModel, lidit_home
+from lidit.objectives import ObjectiveName
+
+
+class ModelSection(StrictModel):
+    """Generator architecture: a preset plus the LI-DiT ablation switches."""
+
+    preset: str = "tiny"
+    objective: ObjectiveName = "epsilon"
+    encoders: list[str] | None = Field(None, description="subset of the cache's encoders (default: all)")
+    fusion: Literal["collaborative", "concat"] = "collaborative"
+    refiner_depth: int | None = Field(None, ge=0, description="override the preset; 0 = raw LLM states")
+    refiner_causal: bool = False
+    overrides: dict[str, Any] = Field(default_factory=dict, description="other GeneratorConfig fields")
+
+
+class OptimSection(StrictModel):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+
+
+class ScaleSection(StrictModel):
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU"
+    )
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+class CheckpointSection(StrictModel):
+    every: int = Field(100, ge=1)
+    keep: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+
+
+class TrackingSection(StrictModel):
+    experiment: str = "lidit-train"
+    registered_model: str | None = "lidit-starter"
+    alias: str | None = "production"
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(0, ge=0, description="sample grid every N steps (0 = only at the end)")
+    num_samples: int = Field(8, ge=0)
+    sample_steps: int = Field(20, ge=1)
+    guidance_scale: float = 4.0
+
+
+class TrainConfig(StrictModel):
+    """A training run. Same `storage_path` + `name` resumes the run from its latest checkpoint."""
+
+    cache: str = Field(default_factory=lambda: str(lidit_home() / "cache"), description="cache URI")
+    cache_version: int | None = None
+    name: str = Field("lidit-starter", pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: str = Field(default_factory=lambda: str(lidit_home() / "runs"))
+    steps: int = Field(500, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch size, split evenly over workers")
+    cfg_drop_prob: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+    model: ModelSection = ModelSection()
+    optim: OptimSection = OptimSection()
+    scale: ScaleSection = ScaleSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    tracking: TrackingSection = TrackingSection()
+    fail_at_step: int | None = Field(None, description="test hook: one worker dies once at this step")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.scale.workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by workers {self.scale.workers}"
+            )
+        return self

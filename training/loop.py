@@ -1,0 +1,308 @@
+"""The per-worker training loop (runs inside Ray Train workers).
+
+Every worker builds the same generator from the same seed, shards it with FSDP2, reads its split of the cache
+through Ray Data, and takes exactly `steps` steps (FSDP collectives need the same count everywhere). Randomness
+per step (noise, timesteps, CFG drops) comes from a generator seeded by (seed, rank, step), so a resumed run
+draws the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from ray.train import Checkpoint
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+
+from lidit.cache.contract import manifest_name
+from lidit.cache.reader import CacheReader, batch_to_training_inputs
+from lidit.encoder import EncoderConfig
+from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec, TextFeatures
+from lidit.objectives import cfg_drop_mask, training_targets
+from training.config import TrainConfig
+from training.data import bucketed_batches, head_rows
+from training.parallelize import parallelize
+from training.state import EMA, lr_at
+
+
+def build_generator_config(cfg: TrainConfig, reader: CacheReader) -> GeneratorConfig:
+    """Generator config from the preset, the ablation switches and the cache's encoder widths."""
+    names = cfg.model.encoders or reader.encoder_names
+    missing = [n for n in names if n not in reader.encoder_names]
+    if missing:
+        raise ValueError(f"encoders {missing} are not in the cache (it has {reader.encoder_names})")
+    branches = [TextBranchSpec(name=n, hidden_size=reader.manifest.encoder(n).hidden_size) for n in names]
+    overrides: dict[str, Any] = dict(cfg.model.overrides)
+    overrides.update(fusion=cfg.model.fusion, refiner_causal=cfg.model.refiner_causal)
+    overrides["latent_channels"] = reader.manifest.vae.latent_channels
+    if cfg.model.refiner_depth is not None:
+        overrides["refiner_depth"] = cfg.model.refiner_depth
+    return GeneratorConfig.from_preset(cfg.model.preset, branches, **overrides)
+
+
+def select_branches(texts: list[TextFeatures], reader: CacheReader, names: list[str]) -> list[TextFeatures]:
+    index = {n: i for i, n in enumerate(reader.encoder_names)}
+    return [texts[index[n]] for n in names]
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, rank, step)) % (2**63))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry: `loop_config` holds the TrainConfig dict and driver-side facts (MLflow run)."""
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scale.use_gpu else torch.device("cpu")
+    bf16 = cfg.scale.mixed_precision == "bf16" or (
+        cfg.scale.mixed_precision == "auto" and device.type == "cuda"
+    )
+    torch.set_num_threads(max(1, int(os.environ.get("LIDIT_TRAIN_THREADS", "1"))))
+
+    reader = CacheReader(cfg.cache, version=cfg.cache_version)
+    names = cfg.model.encoders or reader.encoder_names
+    gen_config = build_generator_config(cfg, reader)
+    torch.manual_seed(cfg.seed)  # same init on every rank before sharding
+    model = LiDiTGenerator(gen_config).to(device)
+    mesh = init_device_mesh(device.type, (world,))
+    parallelize(model, mesh, bf16, cfg.scale.activation_checkpointing, cfg.scale.compile)
+    optim = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
+    ema = EMA(model, cfg.optim.ema_decay)
+    train_state = torch.zeros(3, dtype=torch.long)  # step, epoch, position in epoch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            model_sd, optim_sd = get_state_dict(model, optim)
+            state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict(), "train": train_state}
+            dcp.load(state, checkpoint_id=ckpt_dir)
+            set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if rank == 0:
+            print(f"[train] resumed from step {int(train_state[0])}", flush=True)
+    start_step, epoch, position = (int(x) for x in train_state)
+
+    tracker = RankZeroTracker(cfg, loop_config, reader, gen_config, names) if rank == 0 else None
+    per_worker = cfg.batch_size // world
+    batches = bucketed_batches(ray.train.get_dataset_shard("train"), per_worker, reader, epoch, position)
+    fail_marker = Path(cfg.storage_path) / cfg.name / ".failed_once"
+    window: list[float] = []
+    t_last = time.perf_counter()
+    loss_value = float("nan")
+    for step in range(start_step, cfg.steps):
+        if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == world - 1:
+            if not fail_marker.exists():
+                fail_marker.parent.mkdir(parents=True, exist_ok=True)
+                fail_marker.write_text("worker killed on purpose by fail_at_step\n")
+                print(f"[train] rank {rank}: dying at step {step} (fail_at_step test hook)", flush=True)
+                os._exit(1)
+        epoch, position, latents, texts = next(batches)
+        texts = select_branches(texts, reader, names)
+        g = step_generator(cfg.seed, rank, step)
+        drop = cfg_drop_mask(latents.shape[0], cfg.cfg_drop_prob, g)
+        texts = [t.drop_prompt(drop).to(device) for t in texts]
+        targets = training_targets(cfg.model.objective, latents, g)
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, cfg.steps, cfg.optim)
+        pred = model(targets.noisy.to(device), targets.timesteps.to(device), texts)
+        loss = F.mse_loss(pred.float(), targets.target.to(device).float())
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        ema.update(model)
+
+        reduced = loss.detach().clone()
+        dist.all_reduce(reduced)
+        loss_value = reduced.item() / world
+        window.append(loss_value)
+        done = step + 1
+        train_state = torch.tensor([done, epoch, position], dtype=torch.long)
+        if tracker and (done % cfg.tracking.log_every == 0 or done == cfg.steps):
+            elapsed = time.perf_counter() - t_last
+            t_last = time.perf_counter()
+            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            tracker.log_metrics(
+                done,
+                {
+                    "loss": float(np.mean(window)),
+                    "lr": optim.param_groups[0]["lr"],
+                    "grad_norm": float(gn),
+                    "samples_per_s": len(window) * cfg.batch_size / max(elapsed, 1e-9),
+                    "epoch": epoch,
+                },
+            )
+            window = []
+        if cfg.tracking.sample_every and done % cfg.tracking.sample_every == 0 and done < cfg.steps:
+            weights = ema.full_state_dict()
+            if tracker:
+                tracker.log_samples(done, weights)
+        metrics = {"step": done, "loss": loss_value, "epoch": epoch}
+        if done % cfg.checkpoint.every == 0 or done == cfg.steps:
+            save_and_report(model, optim, ema, train_state, metrics)
+
+    # Export the EMA generator and register it (rank 0); every rank joins the gather and the final report.
+    weights = ema.full_state_dict()
+    final: dict[str, Any] = {"step": cfg.steps, "loss": loss_value, "done": True}
+    if tracker:
+        final.update(tracker.finish(weights))
+    ray.train.report(final)
+
+
+def save_and_report(model: Any, optim: Any, ema: EMA, train_state: torch.Tensor, metrics: dict) -> None:
+    """Every rank writes its DCP shard into a local folder; Ray merges them into `step_NNNNNN` in storage."""
+    model_sd, optim_sd = get_state_dict(model, optim)
+    state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict(), "train": train_state}
+    with tempfile.TemporaryDirectory(prefix="lidit-ckpt-") as tmp:
+        dcp.save(state, checkpoint_id=tmp)
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step_{int(train_state[0]):06d}",
+        )
+
+
+class RankZeroTracker:
+    """MLflow logging, sample grids, export and registration; lives on rank 0 only."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        loop_config: dict,
+        reader: CacheReader,
+        gen_config: GeneratorConfig,
+        names: list[str],
+    ) -> None:
+        import mlflow
+
+        self.cfg, self.reader, self.gen_config, self.names = cfg, reader, gen_config, names
+        self.run_id = loop_config["mlflow_run_id"]
+        mlflow.set_tracking_uri(loop_config["tracking_uri"])
+        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient()
+        self.losses: list[tuple[int, float]] = []
+        self._vae = None
+        self._samples: tuple | None = None
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.losses.append((step, metrics["loss"]))
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step)
+        print(
+            f"[train] step {step}/{self.cfg.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            f"{metrics['samples_per_s']:.1f} samples/s",
+            flush=True,
+        )
+
+    def _sample_inputs(self) -> tuple[list[TextFeatures], list[str], tuple[int, int]]:
+        if self._samples is None:
+            n = max(1, self.cfg.tracking.num_samples)
+            batch = head_rows(self.reader, n)
+            latents, texts, _ = batch_to_training_inputs(batch, self.reader)
+            self._samples = (
+                select_branches(texts, self.reader, self.names),
+                batch.column("caption").to_pylist(),
+                latents.shape[2:],
+            )
+        return self._samples
+
+    def sample_images(self, weights: dict[str, torch.Tensor]) -> tuple[Any, list[str]]:
+        from diffusers import AutoencoderKL
+
+        from lidit.images import make_grid
+        from lidit.pipeline import LiDiTPipeline
+
+        generator = LiDiTGenerator(self.gen_config)
+        generator.load_state_dict(weights, strict=True)
+        if self._vae is None:
+            self._vae = AutoencoderKL.from_pretrained(self.reader.vae_path)
+        texts, captions, (h, w) = self._sample_inputs()
+        pipe = LiDiTPipeline(generator, self._vae, self.cfg.model.objective)
+        uncond = [t.drop_prompt(torch.ones(t.mask.shape[0], dtype=torch.bool)) for t in texts]
+        seeds = list(range(len(captions)))
+        latents = pipe.sample(
+            texts, uncond, seeds, h, w, self.cfg.tracking.sample_steps, self.cfg.tracking.guidance_scale
+        )
+        return make_grid(pipe.decode(latents)), captions
+
+    def log_samples(self, step: int, weights: dict[str, torch.Tensor]) -> None:
+        grid, captions = self.sample_images(weights)
+        self.client.log_image(self.run_id, grid, artifact_file=f"samples/step_{step:06d}.png")
+        self.client.log_text(self.run_id, "\n".join(captions), artifact_file="samples/prompts.txt")
+
+    def _loss_plot(self, directory: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3))
+        if self.losses:
+            steps, values = zip(*self.losses, strict=True)
+            ax.plot(steps, values)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.set_title(self.cfg.name)
+        fig.tight_layout()
+        path = directory / "loss.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def finish(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        from lidit.pipeline import LiDiTPipeline, PipelineSpec
+        from lidit.registry import PIPELINE_ARTIFACT, git_commit, register_pipeline
+
+        generator = LiDiTGenerator(self.gen_config)
+        generator.load_state_dict(weights, strict=True)
+        spec = PipelineSpec(
+            objective=self.cfg.model.objective,
+            encoders=[EncoderConfig.model_validate(self.reader.encoder_config(n)) for n in self.names],
+            encoder_fingerprints={n: self.reader.encoder_fingerprints[n] for n in self.names},
+            vae=self.reader.vae_path,
+            vae_fingerprint=self.reader.vae_fingerprint,
+            default_size=self.reader.manifest.image.resolution,
+            extra={
+                "cache": self.cfg.cache,
+                "cache_version": str(self.reader.version),
+                "git_commit": git_commit(),
+            },
+        )
+        out: dict[str, Any] = {"mlflow_run_id": self.run_id}
+        with tempfile.TemporaryDirectory(prefix="lidit-export-") as tmp:
+            export = Path(tmp) / PIPELINE_ARTIFACT
+            LiDiTPipeline(generator, None, self.cfg.model.objective).save_pretrained(export, spec)
+            self.client.log_artifacts(self.run_id, str(export), artifact_path=PIPELINE_ARTIFACT)
+            self.client.log_artifact(self.run_id, str(self._loss_plot(Path(tmp))), artifact_path="plots")
+        if self.cfg.tracking.num_samples:
+            self.log_samples(self.cfg.steps, weights)
+        if self.cfg.tracking.registered_model:
+            tags = {
+                "cache": self.cfg.cache,
+                "cache_version": str(self.reader.version),
+                "cache_manifest": f"{self.reader.uri}/{manifest_name(self.reader.version)}",
+                "vae": spec.vae_fingerprint or "",
+                "git_commit": spec.extra["git_commit"],
+                **{f"encoder.{n}": fp for n, fp in spec.encoder_fingerprints.items()},
+            }
+            version = register_pipeline(
+                self.run_id, self.cfg.tracking.registered_model, tags=tags, alias=self.cfg.tracking.alias
+            )
+            out.update(model_name=self.cfg.tracking.registered_model, model_version=version)
+            print(f"[train] registered {self.cfg.tracking.registered_model} version {version}", flush=True)
+        self.client.log_text(self.run_id, json.dumps(out), artifact_file="result.json")
+        return out

@@ -1,0 +1,64 @@
+"""Training state that FSDP2 + DCP can checkpoint: EMA weights kept as sharded tensors beside the model,
+the learning-rate schedule as a pure function of the step, and full-weight export for serving."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from training.config import OptimSection
+
+# Wrappers add these to parameter names; exported weights use the plain module names.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def lr_at(step: int, total: int, cfg: OptimSection) -> float:
+    """Linear warmup then cosine decay to `min_lr_ratio * lr`; a pure function so resume needs no state."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+class EMA:
+    """Exponential moving average of the parameters, stored shard-for-shard like the model (DTensors)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Gathered plain tensors with clean names; a collective: every rank must call it."""
+        out = {}
+        for name, t in self.shadow.items():
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            out[clean_name(name)] = full.detach().float().cpu()
+        return out
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gathered plain parameters + buffers with clean names (collective)."""
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        out[clean_name(name)] = full.detach().float().cpu()
+    return out

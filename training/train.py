@@ -1,0 +1,174 @@
+"""Driver: `python -m training.train CONFIG.yaml [--steps N] [--workers N] [--set k=v] [--json]`.
+
+Connects to the running Ray cluster if there is one (RAY_ADDRESS or a local head started with `ray start`),
+else starts a local Ray. Creates (or, on resume, reuses) the MLflow run, then runs the Ray Train V2
+`TorchTrainer`. Starting the same `storage_path` + `name` again resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from lidit.config import dump_config, load_config
+from lidit.registry import configure_mlflow
+from training.config import TrainConfig
+
+RUN_TAG = "lidit.run"
+
+
+def ensure_ray() -> None:
+    """Join an existing cluster when one is reachable, else start a small local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address)
+        return
+    if address != "local":  # RAY_ADDRESS=local forces a private local instance
+        try:
+            ray.init(address="auto")
+            return
+        except (ConnectionError, RuntimeError):
+            pass
+    ray.init(include_dashboard=False, object_store_memory=200 * 2**20)
+
+
+def mlflow_run(cfg: TrainConfig) -> str:
+    """The MLflow run of this training run: reused when the same storage + name resumes."""
+    import mlflow
+
+    configure_mlflow(cfg.tracking.experiment)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    key = f"{cfg.storage_path}/{cfg.name}"
+    found = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1
+    )
+    if found and found[0].info.status != "FINISHED":
+        return found[0].info.run_id
+    run = client.create_run(exp.experiment_id, run_name=cfg.name, tags={RUN_TAG: key})
+    flat = flatten(dump_config(cfg))
+    for k, v in flat.items():
+        client.log_param(run.info.run_id, k, str(v)[:500])
+    return run.info.run_id
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training to `cfg.steps`; returns the summary printed by `--json`."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lidit.cache.reader import CacheReader
+    from training.data import training_columns
+    from training.loop import train_loop_per_worker
+
+    started = time.perf_counter()
+    reader = CacheReader(cfg.cache, version=cfg.cache_version)
+    ensure_ray()
+    run_id = mlflow_run(cfg)
+    dataset = ray.data.read_parquet(reader.shard_uris(), filesystem=reader.filesystem).select_columns(
+        training_columns(reader)
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": dump_config(cfg),
+            "mlflow_run_id": run_id,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scale.workers,
+            use_gpu=cfg.scale.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.scale.cpus_per_worker,
+                **({"GPU": 1} if cfg.scale.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error:
+        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        raise RuntimeError(f"training failed: {result.error}")
+    client = mlflow.MlflowClient()
+    client.set_terminated(run_id, status="FINISHED")
+    metrics = result.metrics or {}
+    # Rank 0 registered the version; the trainer's result only carries checkpointed metrics, so ask MLflow.
+    versions = client.search_model_versions(f"run_id = '{run_id}'") if cfg.tracking.registered_model else []
+    latest = max(versions, key=lambda v: int(v.version), default=None)
+    return {
+        "mlflow_run_id": run_id,
+        "model_name": latest.name if latest else None,
+        "model_version": latest.version if latest else None,
+        "steps": metrics.get("step"),
+        "final_loss": metrics.get("loss"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "storage": f"{cfg.storage_path}/{cfg.name}",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="training YAML (default: built-in defaults)")
+    parser.add_argument("--steps", type=int, help="total optimizer steps")
+    parser.add_argument("--workers", type=int, help="Ray Train workers")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.workers is not None:
+        overrides.append(f"scale.workers={args.workers}")
+    return load_config(TrainConfig, args.config, overrides)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    summary = run_training(config_from_args(args))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"trained {summary['steps']} steps, final loss {summary['final_loss']:.4f} in {summary['seconds']} s\n"
+            f"MLflow run {summary['mlflow_run_id']}; registered {summary['model_name']} v{summary['model_version']}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__)
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
