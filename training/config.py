@@ -76,6 +76,12 @@ class TrainConfig(StrictModel):
     scale: ScaleSection = ScaleSection()
     checkpoint: CheckpointSection = CheckpointSection()
     tracking: TrackingSection = TrackingSection()
+    stop_after: int | None = Field(
+        None,
+        ge=1,
+        description="end this invocation at this step with a checkpoint (the schedule still spans "
+        "`steps`); run again to continue. For time-boxed or preemptible jobs.",
+    )
     fail_at_step: int | None = Field(None, description="test hook: one worker dies once at this step")
 
     @model_validator(mode="after")

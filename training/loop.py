@@ -102,7 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window: list[float] = []
     t_last = time.perf_counter()
     loss_value = float("nan")
-    for step in range(start_step, cfg.steps):
+    last_step = min(cfg.steps, cfg.stop_after or cfg.steps)
+    for step in range(start_step, last_step):
         if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == world - 1:
             if not fail_marker.exists():
                 fail_marker.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +152,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if tracker:
                 tracker.log_samples(done, weights)
         metrics = {"step": done, "loss": loss_value, "epoch": epoch}
-        if done % cfg.checkpoint.every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint.every == 0 or done == last_step:
             save_and_report(model, optim, ema, train_state, metrics)
+
+    if last_step < cfg.steps:  # stopped early on purpose: the checkpoint is the result
+        ray.train.report({"step": last_step, "loss": loss_value, "done": False})
+        return
 
     # Export the EMA generator and register it (rank 0); every rank joins the gather and the final report.
     weights = ema.full_state_dict()

@@ -76,7 +76,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training to `cfg.steps`; returns the summary printed by `--json`."""
     import mlflow
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from lidit.cache.reader import CacheReader
@@ -112,14 +113,17 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
         datasets={"train": dataset},
+        # Same split and order on every run, so a resumed run sees the batches an uninterrupted one would.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.error:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise RuntimeError(f"training failed: {result.error}")
     client = mlflow.MlflowClient()
-    client.set_terminated(run_id, status="FINISHED")
     metrics = result.metrics or {}
+    if metrics.get("step") == cfg.steps:  # a `stop_after` run keeps its MLflow run open for the rest
+        client.set_terminated(run_id, status="FINISHED")
     # Rank 0 registered the version; the trainer's result only carries checkpointed metrics, so ask MLflow.
     versions = client.search_model_versions(f"run_id = '{run_id}'") if cfg.tracking.registered_model else []
     latest = max(versions, key=lambda v: int(v.version), default=None)

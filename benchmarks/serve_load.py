@@ -1,0 +1,227 @@
+"""Load test of the serving app: throughput and p50/p99 latency at several concurrencies, batching on vs off.
+
+    python benchmarks/serve_load.py [--model models:/NAME@ALIAS | EXPORT_DIR] [--duration 20]
+
+Without --model it builds the tiny test export (two tiny LMs, tiny VAE, tiny generator) in a temp dir. It
+starts local Ray + Serve on 127.0.0.1, deploys the app once with batching and once without (batches of one),
+drives it with closed-loop async HTTP clients, and writes `benchmarks/results/serve_load.{md,json}`.
+Goals (issue 6): batched >= 3x unbatched throughput at concurrency 16; p99 <= 2x p50 below capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [
+    "a red circle to the left of a blue square",
+    "two green triangles above a yellow circle",
+    "a small purple square below three orange circles",
+    "one blue circle",
+    "three yellow squares",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+async def drive(url: str, concurrency: int, duration: float, body: dict) -> dict:
+    """Closed loop: `concurrency` clients each send the next request as soon as the last one returns."""
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.monotonic() + duration
+
+    async def worker(w: int, client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        i = 0
+        while time.monotonic() < stop_at:
+            req = dict(body, prompt=PROMPTS[(w + i) % len(PROMPTS)], seed=w * 100_000 + i)
+            t0 = time.monotonic()
+            r = await client.post(url + "/v1/images/generations", json=req)
+            if r.status_code == 200:
+                latencies.append(time.monotonic() - t0)
+            else:
+                errors += 1
+            i += 1
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker(w, client) for w in range(concurrency)))
+        elapsed = time.monotonic() - t0
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "throughput_rps": round(len(latencies) / elapsed, 3),
+        "p50_s": round(percentile(latencies, 50), 4) if latencies else None,
+        "p99_s": round(percentile(latencies, 99), 4) if latencies else None,
+        "mean_s": round(statistics.fmean(latencies), 4) if latencies else None,
+    }
+
+
+def build_tiny_model(root: Path) -> str:
+    from tests.serving.export import build_export, build_shared_assets
+
+    encoders, vae = build_shared_assets(root / "assets")
+    return str(build_export(root / "export", encoders, vae, seed=1))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+    from ray import serve
+
+    from lidit.config import load_config
+    from serving.app import build_app
+    from serving.config import ServeConfig
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    os.environ.setdefault("LIDIT_HOME", str(tmp / "home"))
+    model = args.model or build_tiny_model(tmp)
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    w, h = (int(x) for x in args.size.split("x"))
+    body = {"size": args.size, "num_inference_steps": args.steps, "n": 1}
+    rows = []
+    try:
+        for batching in (True, False):
+            cfg = load_config(
+                ServeConfig,
+                None,
+                [
+                    f"model={model}",
+                    f"port={port}",
+                    f"batching.enabled={str(batching).lower()}",
+                    f"batching.generator_max_batch_size={args.max_batch}",
+                    "resources.generator_num_cpus=1.0",
+                    "resources.encoder_num_cpus=0.5",
+                    "auth.api_key_env=LIDIT_BENCH_UNSET",
+                    f"limits.max_side={max(w, h)}",
+                    *args.set,
+                ],
+            )
+            serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
+            asyncio.run(drive(url, 4, 3.0, body))  # warm-up: first calls pay lazy init
+            gen = serve.get_deployment_handle("Generator", app_name="bench")
+            for c in args.concurrency:
+                before = gen.stats.remote().result()
+                row = asyncio.run(drive(url, c, args.duration, body))
+                after = gen.stats.remote().result()
+                batches = after["batches"] - before["batches"]
+                row["mean_generator_batch"] = round(
+                    (after["requests"] - before["requests"]) / max(batches, 1), 2
+                )
+                row["batching"] = batching
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {
+        "model": model if args.model else "tiny test export (tests/serving/export.py)",
+        "size": args.size,
+        "steps": args.steps,
+        "guidance": "default (CFG on: 2 rows per image)",
+        "generator_max_batch_size": args.max_batch,
+        "overrides": args.set,
+        "duration_s_per_level": args.duration,
+        "host": {
+            "cpus": os.cpu_count(),
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+        },
+        "rows": rows,
+    }
+
+
+def verdicts(result: dict) -> list[str]:
+    rows = {(r["batching"], r["concurrency"]): r for r in result["rows"]}
+    out = []
+    top = max(c for _, c in rows)
+    on, off = rows.get((True, top)), rows.get((False, top))
+    if on and off and off["throughput_rps"]:
+        ratio = on["throughput_rps"] / off["throughput_rps"]
+        out.append(
+            f"- batched / unbatched throughput at concurrency {top}: {ratio:.2f}x "
+            f"(goal >= 3x: {'met' if ratio >= 3 else 'MISSED'})"
+        )
+    for (batching, c), r in sorted(rows.items()):
+        if c < top and r["p50_s"]:
+            q = r["p99_s"] / r["p50_s"]
+            mode = "batched" if batching else "unbatched"
+            out.append(f"- {mode} c={c}: p99/p50 = {q:.2f} (goal <= 2: {'met' if q <= 2 else 'MISSED'})")
+    return out
+
+
+def write(result: dict, out_dir: Path, tag: str = "") -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"serve_load{'_' + tag if tag else ''}.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        "# Serving load test",
+        "",
+        f"Model: {result['model']}; {result['size']}, {result['steps']} steps, {result['guidance']}; "
+        f"generator max batch {result['generator_max_batch_size']}; {result['duration_s_per_level']} s per row; "
+        f"overrides {result.get('overrides') or 'none'}.",
+        f"Host: {result['host']['cpus']} CPUs, load average at start {result['host']['load_avg_at_start']} "
+        "(shared box: other jobs were running).",
+        "",
+        "| batching | concurrency | requests | errors | throughput (req/s) | p50 (s) | p99 (s) | mean batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+            f"{r['throughput_rps']:.2f} | {r['p50_s']} | {r['p99_s']} | {r.get('mean_generator_batch', '')} |"
+        )
+    lines += ["", "## Goals", "", *verdicts(result), ""]
+    (out_dir / f"serve_load{'_' + tag if tag else ''}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="models:/NAME@ALIAS or a pipeline export dir (default: tiny test export)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per (mode, concurrency) row")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--size", default="64x64")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ServeConfig override")
+    p.add_argument("--tag", default="", help="suffix of the results files (serve_load_TAG.md)")
+    args = p.parse_args()
+    write(run(args), args.out, args.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`lidit cache ...`: build and inspect the feature cache (dispatches to `pipelines/` and `lidit.cache`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _build(args: argparse.Namespace) -> int:
+    from pipelines.build import run_from_args  # imported here: `lidit --help` must not import Ray
+
+    return run_from_args(args)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from lidit.cache.reader import CacheNotFoundError, CacheReader
+    from lidit.config import ConfigError
+
+    try:
+        info = CacheReader(args.uri, version=args.version).describe()
+    except CacheNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"cache {info['uri']} version {info['version']}: {info['rows']} rows in {info['shards']} shards")
+    print(f"  {info['bytes_per_sample']:.0f} bytes/sample; quarantined {info['quarantine_counts'] or 'none'}")
+    for name, e in info["encoders"].items():
+        print(f"  encoder {name}: hidden {e['hidden_size']}, fingerprint {e['fingerprint']}")
+    print(f"  vae {info['vae']['path']} ({info['vae']['fingerprint']})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `cache` command group."""
+    from pipelines.args import add_build_arguments
+
+    cache = sub.add_parser("cache", help="build / inspect the feature cache (Ray Data)")
+    csub = cache.add_subparsers(dest="cache_command", metavar="SUBCOMMAND")
+    build = csub.add_parser(
+        "build",
+        help="build or incrementally update a cache",
+        description="Sources -> VAE latents + LLM states per encoder -> Parquet cache (resumable, incremental).",
+    )
+    add_build_arguments(build)
+    build.set_defaults(handler=_build)
+    info = csub.add_parser("info", help="describe a committed cache version")
+    info.add_argument("uri", help="cache root (local path or s3://)")
+    info.add_argument("--version", type=int, default=None, help="version (default latest)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(handler=_info)
+    cache.set_defaults(handler=lambda args: cache.print_help() or 2)

@@ -1,0 +1,1 @@
+"""Ray Data stages of the platform: the feature cache build (`pipelines.build`)."""

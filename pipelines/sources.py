@@ -1,0 +1,139 @@
+"""Source discovery and reading: Parquet datasets and image folders (local or s3://), split into units.
+
+A *unit* is a contiguous range of rows of one source file (a Parquet file, or one image folder's sorted image
+list); each unit becomes one shard. Units are keyed by content, so unchanged files map to unchanged shards.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from lidit.cache.storage import Location, file_fingerprint, open_location
+from lidit.config import StrictModel
+from lidit.fingerprint import hash_json
+
+
+class SourceConfig(StrictModel):
+    """A Parquet dataset (file or folder) or an image folder with sidecar caption files; local or s3://."""
+
+    uri: str = Field(min_length=1)
+    format: Literal["auto", "parquet", "images"] = Field(
+        "auto", description="auto: *.parquet file/folder = parquet, else images"
+    )
+    id_column: str | None = Field("id", description="None or missing column: ids are <file stem>-<row>")
+    image_column: str = "image"
+    caption_column: str = "caption"
+    caption_extension: str = Field(".txt", description="image folders: caption file beside each image")
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class SourceFile:
+    """One file of a source (or one image folder), with what planning needs."""
+
+    source: SourceConfig
+    format: str  # "parquet" | "images"
+    uri: str
+    path: str  # filesystem path
+    fingerprint: str
+    rows: int
+    ids: list[str | None]
+    # image folders: per row (image path, caption path or None, per-file fingerprint)
+    files: list[tuple[str, str | None, str]] = field(default_factory=list)
+
+
+def _detect_format(loc: Location, cfg: SourceConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    if loc.path.endswith(".parquet"):
+        return "parquet"
+    if not loc.fs.exists(loc.path):
+        raise FileNotFoundError(f"source not found: {cfg.uri}")
+    if loc.fs.isdir(loc.path) and any(p.endswith(".parquet") for p in loc.fs.find(loc.path)):
+        return "parquet"
+    return "images"
+
+
+def _id_or_default(stem: str, row: int) -> str:
+    return f"{stem}-{row:08d}"
+
+
+def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceFile]:
+    """List a source's files in a stable order, with fingerprints, row counts and ids."""
+    loc = open_location(cfg.uri, storage_options)
+    fmt = _detect_format(loc, cfg)
+    if not loc.fs.exists(loc.path):
+        raise FileNotFoundError(f"source not found: {cfg.uri}")
+    if fmt == "parquet":
+        if loc.fs.isdir(loc.path):
+            found = loc.fs.find(loc.path, detail=True)
+            infos = [found[p] for p in sorted(found) if p.endswith(".parquet")]
+        else:
+            infos = [loc.fs.info(loc.path)]
+        if not infos:
+            raise FileNotFoundError(f"no .parquet files under {cfg.uri}")
+        out = []
+        for info in infos:
+            path = info["name"]
+            with loc.fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                for col in (cfg.image_column, cfg.caption_column):
+                    if col not in names:
+                        raise ValueError(f"{loc.uri_of(path)}: no column {col!r} (columns: {names})")
+                rows = pf.metadata.num_rows
+                if cfg.id_column and cfg.id_column in names:
+                    ids = [
+                        None if x is None else str(x)
+                        for x in pf.read(columns=[cfg.id_column]).column(0).to_pylist()
+                    ]
+                else:
+                    stem = posixpath.splitext(posixpath.basename(path))[0]
+                    ids = [_id_or_default(stem, i) for i in range(rows)]
+            out.append(SourceFile(cfg, fmt, loc.uri_of(path), path, file_fingerprint(info), rows, ids))
+        return out
+    # image folder: one SourceFile for the whole folder
+    if not loc.fs.isdir(loc.path):
+        raise ValueError(f"image source must be a folder: {cfg.uri}")
+    found = loc.fs.find(loc.path, detail=True)
+    lower = {p: p.lower() for p in found}
+    images = sorted(p for p in found if lower[p].endswith(IMAGE_EXTENSIONS))
+    if not images:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {cfg.uri}")
+    files, ids = [], []
+    for p in images:
+        cap = posixpath.splitext(p)[0] + cfg.caption_extension
+        cap = cap if cap in found else None
+        fp = file_fingerprint(found[p]) + ("|" + file_fingerprint(found[cap]) if cap else "")
+        files.append((p, cap, fp))
+        ids.append(posixpath.splitext(posixpath.basename(p))[0])
+    fingerprint = hash_json([(posixpath.relpath(p, loc.path), fp) for p, _, fp in files])[:32]
+    return [SourceFile(cfg, fmt, loc.uri, loc.path, fingerprint, len(files), ids, files)]
+
+
+def read_parquet_rows(
+    loc: Location, path: str, cfg: SourceConfig, start: int, stop: int
+) -> tuple[list[Any], list[Any]]:
+    """Image values and captions of rows [start, stop) of a Parquet file (reads only the row groups needed)."""
+    with loc.fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        groups, offset, first = [], 0, None
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset + n > start and offset < stop:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        if not groups:
+            return [], []
+        table: pa.Table = pf.read_row_groups(groups, columns=[cfg.image_column, cfg.caption_column])
+    table = table.slice(start - first, stop - start)
+    return table.column(0).to_pylist(), table.column(1).to_pylist()

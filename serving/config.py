@@ -1,0 +1,147 @@
+"""`ServeConfig`: everything `lidit serve` and the Serve application builder need, loaded from YAML.
+
+One schema for the CLI, `python -m serving`, `serve run serving.app:app_builder` and the tests, so a limit
+or a resource setting is defined once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from lidit.config import StrictModel
+
+SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
+
+
+class LimitsConfig(StrictModel):
+    """Request validation limits (violations are 4xx, never a server error)."""
+
+    max_prompt_chars: int = Field(1000, gt=0)
+    max_n: int = Field(4, ge=1, description="images per request")
+    min_steps: int = Field(1, ge=1)
+    max_steps: int = Field(50, ge=1)
+    default_steps: int = Field(20, ge=1)
+    max_guidance: float = Field(30.0, ge=1.0)
+    default_guidance: float = Field(4.0, ge=0.0)
+    sizes: list[str] | None = Field(
+        None, description="allowed 'WxH' sizes; None = any size up to max_side that the model supports"
+    )
+    max_side: int = Field(256, gt=0)
+    default_size: str = Field("64x64", pattern=SIZE_PATTERN)
+    max_request_bytes: int = Field(64 * 1024, gt=0, description="larger bodies get 413")
+    request_timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitsConfig:
+        if not self.min_steps <= self.default_steps <= self.max_steps:
+            raise ValueError("need min_steps <= default_steps <= max_steps")
+        if not self.default_guidance <= self.max_guidance:
+            raise ValueError("default_guidance must not exceed max_guidance")
+        return self
+
+
+class BatchingConfig(StrictModel):
+    """`@serve.batch` parameters; `enabled: false` forces batches of one (the benchmark's baseline)."""
+
+    enabled: bool = True
+    encoder_max_batch_size: int = Field(32, ge=1, description="requests per text-encoder batch")
+    generator_max_batch_size: int = Field(16, ge=1, description="requests per generator batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+
+
+class QueueConfig(StrictModel):
+    """Backpressure: bounded work in the app; anything beyond gets 503 + Retry-After."""
+
+    max_inflight: int = Field(64, ge=1, description="generation requests admitted at once by the ingress")
+    max_queued_requests: int = Field(
+        128, ge=1, description="Serve's own queue bound per deployment (second line of defence)"
+    )
+    retry_after_s: int = Field(1, ge=0)
+
+
+class ResourcesConfig(StrictModel):
+    """Logical CPUs per replica (fractional, so the app fits a 2-core box) and torch threads."""
+
+    encoder_num_cpus: float = Field(0.5, gt=0)
+    generator_num_cpus: float = Field(1.0, gt=0)
+    ingress_num_cpus: float = Field(0.1, gt=0)
+    encoder_num_gpus: float = Field(0.0, ge=0)
+    generator_num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1, description="None = Ray's default for the replica")
+    device: str = "cpu"
+
+
+class AuthConfig(StrictModel):
+    """Bearer-token auth: on when a key is found in `api_key_env` or `api_key_file` (or `required`)."""
+
+    api_key_env: str = "LIDIT_API_KEY"
+    api_key_file: str | None = None
+    required: bool = Field(False, description="refuse to start without a key")
+
+    def resolve_key(self) -> str | None:
+        """The configured key, from the file first, then the environment; None = auth off."""
+        if self.api_key_file:
+            path = Path(self.api_key_file).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"api key file not found: {path}")
+            key = path.read_text().strip()
+            if not key:
+                raise ValueError(f"api key file {path} is empty")
+            return key
+        key = os.environ.get(self.api_key_env, "").strip()
+        if key:
+            return key
+        if self.required:
+            raise ValueError(f"auth.required is set but no key in ${self.api_key_env} or auth.api_key_file")
+        return None
+
+
+class ServeConfig(StrictModel):
+    """The serving application: which model, where to listen, limits, batching, queues, resources, auth."""
+
+    model: str = Field(
+        "models:/lidit-starter@production",
+        min_length=1,
+        description="models:/NAME@ALIAS, models:/NAME/VERSION or a local pipeline export directory",
+    )
+    served_model_name: str | None = Field(None, description="name clients pass as `model`; default NAME")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "lidit"
+    route_prefix: str = "/"
+    models_dir: str | None = Field(None, description="download dir for registry versions; default LIDIT_HOME")
+    keep_models: int = Field(2, ge=1, description="versions kept loaded per replica (old one for in-flight)")
+    lru_size: int = Field(1024, ge=0, description="prompt states kept by the text encoder (0 = off)")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        return self
+
+    def registered_name(self) -> str | None:
+        """NAME of a `models:/NAME@ALIAS` / `models:/NAME/VERSION` model; None for a local export."""
+        if not self.model.startswith("models:/"):
+            return None
+        ref = self.model[len("models:/") :]
+        return ref.split("@", 1)[0] if "@" in ref else ref.rsplit("/", 1)[0]
+
+    def default_model_name(self) -> str:
+        """Name clients use: `served_model_name`, else the registered name, else the export dir's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        return self.registered_name() or Path(self.model).resolve().name
+
+
+def hash_key(key: str) -> str:
+    """What the ingress stores instead of the key itself (the deployment's init args are not secret)."""
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,273 @@
+"""The FastAPI ingress: auth, body limit, validation, admission control, version pinning, reload.
+
+Kept apart from the model deployments and free of torch imports, so its replica starts fast and stays small.
+"""
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.api import (
+    IMAGES_PATH,
+    MODEL_VERSION_HEADER,
+    MODELS_PATH,
+    RELOAD_PATH,
+    APIError,
+    error_body,
+    parse_request,
+)
+from serving.config import ServeConfig, hash_key
+from serving.refs import ModelRef, resolve_ref, tracking_uri_for
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="LI-DiT images API", version="1")
+
+
+def _json_error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404 / 405 from routing, in the OpenAI error shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(
+        error_body(str(exc.detail), "invalid_request_error", None, code),
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """HTTP: auth, body limit, validation, admission control, version pinning and the reload endpoint."""
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        ref: ModelRef,
+        encoder: DeploymentHandle,
+        generator: DeploymentHandle,
+        key_hash: str | None,
+    ) -> None:
+        self._cfg = cfg
+        self._ref = ref
+        self._model_uri = cfg.model
+        self._encoder = encoder
+        self._generator = generator
+        self._key_hash = key_hash
+        self._inflight = 0
+        self._reload_lock = asyncio.Lock()
+        self._name = cfg.default_model_name()
+        self._created = int(time.time())
+        from ray.serve.metrics import Counter
+
+        self._requests = Counter(
+            "lidit_image_requests", "image generation requests by status", tag_keys=("status",)
+        )
+        self._images = Counter("lidit_images_generated", "images returned")
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _served_names(self) -> set[str]:
+        return {self._name, f"{self._name}/{self._ref.label.rsplit('/', 1)[-1]}", self._ref.label}
+
+    def _check_auth(self, request: Request) -> None:
+        if self._key_hash is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(
+                401,
+                "missing bearer token: send 'Authorization: Bearer <API key>'",
+                "invalid_request_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(hash_key(token.strip()), self._key_hash):
+            raise APIError(
+                401,
+                "incorrect API key",
+                "invalid_request_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self._cfg.limits.max_request_bytes
+        too_big = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():  # chunked uploads without Content-Length are bounded too
+            body.extend(chunk)
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    # -- routes ------------------------------------------------------------------------------------------
+
+    @api.post(IMAGES_PATH)
+    async def generations(self, request: Request) -> JSONResponse:
+        try:
+            self._check_auth(request)
+            body = await self._read_body(request)
+            job = parse_request(body, self._cfg.limits, self._served_names(), secrets.randbelow(2**31))
+            if self._inflight >= self._cfg.queue.max_inflight:
+                raise APIError(
+                    503,
+                    "server is at capacity, retry later",
+                    "server_error",
+                    code="overloaded",
+                    headers={"Retry-After": str(self._cfg.queue.retry_after_s)},
+                )
+            self._inflight += 1
+            try:
+                ref = self._ref  # pinned: a reload during this request does not mix versions
+                result = await asyncio.wait_for(
+                    self._generator.generate.remote(ref, job), self._cfg.limits.request_timeout_s
+                )
+            finally:
+                self._inflight -= 1
+            if "error" in result:
+                raise APIError(
+                    result["status"],
+                    result["error"]["message"],
+                    result["error"]["type"],
+                    result["error"]["param"],
+                    result["error"]["code"],
+                    {"Retry-After": str(self._cfg.queue.retry_after_s)} if result["status"] == 503 else None,
+                )
+        except APIError as exc:
+            self._requests.inc(tags={"status": str(exc.status)})
+            return _json_error(exc)
+        except BackPressureError:
+            self._requests.inc(tags={"status": "503"})
+            return _json_error(
+                APIError(
+                    503,
+                    "server is at capacity, retry later",
+                    "server_error",
+                    code="overloaded",
+                    headers={"Retry-After": str(self._cfg.queue.retry_after_s)},
+                )
+            )
+        except TimeoutError:
+            self._requests.inc(tags={"status": "504"})
+            return _json_error(APIError(504, "generation timed out", "server_error", code="timeout"))
+        except Exception:  # a replica died mid-request, etc.: still an OpenAI-shaped answer, details in logs
+            logger.exception("generation request failed")
+            self._requests.inc(tags={"status": "500"})
+            return _json_error(APIError(500, "internal error while generating", "server_error"))
+        self._requests.inc(tags={"status": "200"})
+        self._images.inc(len(result["images"]))
+        data = [
+            {"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed}
+            for png, seed in zip(result["images"], result["seeds"], strict=True)
+        ]
+        return JSONResponse(
+            {"created": int(time.time()), "data": data},
+            headers={MODEL_VERSION_HEADER: result["version"]},
+        )
+
+    @api.get(MODELS_PATH)
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self._check_auth(request)
+        except APIError as exc:
+            return _json_error(exc)
+        entry = {
+            "id": self._name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "lidit",
+            "version": self._ref.label,
+            "model_uri": self._model_uri,
+        }
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the ingress answers (no downstream calls, so it stays cheap under load)."""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Readiness: both deployments hold the current version."""
+        ref = self._ref
+        try:
+            ok = await asyncio.wait_for(
+                asyncio.gather(self._encoder.ready.remote(ref), self._generator.ready.remote(ref)), 10
+            )
+        except Exception as exc:  # backpressure, timeout, replica restarting
+            return JSONResponse(
+                {"status": "not_ready", "version": ref.label, "reason": type(exc).__name__}, status_code=503
+            )
+        status = 200 if all(ok) else 503
+        body = {"status": "ready" if all(ok) else "loading", "version": ref.label}
+        return JSONResponse(body, status_code=status)
+
+    @api.post(RELOAD_PATH)
+    async def reload(self, request: Request) -> JSONResponse:
+        """Re-resolve the model URI (or switch to `{"model": URI}`), load it everywhere, then swap."""
+        try:
+            self._check_auth(request)
+            body = await self._read_body(request)
+            uri = self._model_uri
+            if body.strip():
+                try:
+                    data = json.loads(body)
+                except json.JSONDecodeError:
+                    raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+                if not isinstance(data, dict) or not isinstance(data.get("model", uri), str):
+                    raise APIError(400, 'body must be {"model": "models:/NAME@ALIAS"}', param="model")
+                uri = data.get("model", uri)
+                # Only other aliases/versions of the served registered model (rollback, canary promote);
+                # pointing a server at an arbitrary path or model is a deployment change, not a reload.
+                name = self._cfg.registered_name()
+                if uri != self._model_uri and not (
+                    name and (uri.startswith(f"models:/{name}@") or uri.startswith(f"models:/{name}/"))
+                ):
+                    raise APIError(
+                        400, f"reload can only switch to models:/{name}@ALIAS or /VERSION", param="model"
+                    )
+            async with self._reload_lock:
+                old = self._ref
+                try:
+                    new = await asyncio.to_thread(
+                        resolve_ref, uri, old.tracking_uri or tracking_uri_for(uri), old.models_dir
+                    )
+                except Exception as exc:
+                    raise APIError(400, f"cannot resolve {uri!r}: {exc}", param="model") from None
+                if new.key != old.key:
+                    try:
+                        # Load fully in both deployments before anyone is pointed at the new version.
+                        await asyncio.gather(self._encoder.load.remote(new), self._generator.load.remote(new))
+                    except Exception as exc:
+                        logger.exception("reload of %s failed", new.label)
+                        raise APIError(
+                            500,
+                            f"loading {new.label} failed, still serving {old.label}: {exc}",
+                            "server_error",
+                        ) from None
+                    self._ref = new  # the swap: one assignment on the event loop
+                    self._model_uri = uri
+                    logger.info("hot swap %s -> %s", old.label, new.label)
+        except APIError as exc:
+            return _json_error(exc)
+        return JSONResponse({"previous": old.label, "current": new.label, "changed": new.key != old.key})

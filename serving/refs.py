@@ -1,0 +1,65 @@
+"""Model references: which immutable model version a request is pinned to, and how to get its files.
+
+Torch-free (MLflow is imported lazily), so the ingress replica that resolves aliases stays light.
+"""
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lidit.config import lidit_home
+from lidit.registry import configure_mlflow, fetch_pipeline, resolve_version
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One immutable model to serve: a registry version (`models:/NAME/VERSION`) or a local export.
+
+    `key` identifies the loaded weights (changes when the alias moves or a local export is rewritten);
+    `label` is what clients see (`NAME/VERSION` or the directory name).
+    """
+
+    key: str
+    uri: str
+    label: str
+    tracking_uri: str | None = None
+    models_dir: str | None = None
+
+
+def resolve_ref(model_uri: str, tracking_uri: str | None = None, models_dir: str | None = None) -> ModelRef:
+    """Pin `model_uri` now: an alias becomes its current version; a local dir is keyed by its files' mtimes."""
+    if model_uri.startswith("models:/"):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        name, version = resolve_version(model_uri)  # type: ignore[misc]  # never None for models:/
+        pinned = f"models:/{name}/{version}"
+        return ModelRef(pinned, pinned, f"{name}/{version}", tracking_uri, models_dir)
+    path = Path(model_uri).expanduser().resolve()
+    if not (path / "pipeline.json").is_file():
+        raise FileNotFoundError(f"{path} is not a LI-DiT pipeline directory (no pipeline.json)")
+    stamp = max(p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file())
+    return ModelRef(f"{path}@{stamp}", str(path), path.name, tracking_uri, models_dir)
+
+
+def materialize(ref: ModelRef) -> tuple[Path, Path | None]:
+    """A local pipeline dir for `ref`, plus the temp dir to delete once loaded (None for a local export)."""
+    if not ref.uri.startswith("models:/"):
+        return Path(ref.uri), None
+    import mlflow
+
+    if ref.tracking_uri:
+        mlflow.set_tracking_uri(ref.tracking_uri)
+    base = Path(ref.models_dir) if ref.models_dir else lidit_home() / "models"
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="serve-", dir=base))  # one per load: replicas never share a dir
+    return fetch_pipeline(ref.uri, dst=tmp), tmp
+
+
+def tracking_uri_for(uri: str) -> str | None:
+    """The tracking URI to pin into refs of registry models (None for a local export).
+
+    `configure_mlflow` also exports MLFLOW_TRACKING_URI, so processes started later inherit it.
+    """
+    return configure_mlflow() if uri.startswith("models:/") else None

@@ -1,0 +1,139 @@
+"""Serving fixtures: a tiny model registered twice in a real MLflow store, and real Serve on 127.0.0.1.
+
+Serve starts once per session with two applications: `main` (registry alias, no auth, the hot-swap target)
+and `strict` (local export dir, bearer auth, tiny admission bound for the overload test).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving.export import build_export, build_shared_assets, register_exports
+
+MODEL_NAME = "lidit-serve-test"
+API_KEY = "test-key-123"
+
+try:  # shared idempotent Ray fixture, when another suite provides it
+    from tests.ray_fixtures import ray_local  # noqa: F401
+except ImportError:
+
+    @pytest.fixture(scope="session")
+    def ray_local() -> Iterator[None]:
+        import ray
+
+        started = not ray.is_initialized()
+        if started:
+            ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20)
+        yield
+        if started:
+            ray.shutdown()
+
+
+@dataclass
+class Registry:
+    root: Path
+    exports: list[Path]
+    versions: list[str]
+    tracking_uri: str
+
+
+@pytest.fixture(scope="session")
+def serving_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """Two exports (generator seeds 1 and 2) registered as versions of MODEL_NAME; v1 is @production."""
+    root = tmp_path_factory.mktemp("serving")
+    mp = pytest.MonkeyPatch()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    # Set before Ray starts so every replica inherits them.
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("LIDIT_HOME", str(root / "home"))
+    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    encoders, vae = build_shared_assets(root / "assets")
+    exports = [build_export(root / f"export{s}", encoders, vae, seed=s) for s in (1, 2)]
+    versions = register_exports(exports, MODEL_NAME)
+    yield Registry(root, exports, versions, uri)
+    mp.undo()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    url: str  # main app
+    strict_url: str  # auth + tiny queue app
+    registry: Registry
+
+
+def _small_resources() -> list[str]:
+    return [
+        "resources.encoder_num_cpus=0.25",
+        "resources.generator_num_cpus=0.5",
+        "resources.ingress_num_cpus=0.1",
+        "limits.max_side=128",
+        "limits.default_steps=4",
+        "limits.max_steps=40",
+        "auth.api_key_env=LIDIT_TEST_UNSET_KEY",  # auth off unless a test app sets a key file
+    ]
+
+
+@pytest.fixture(scope="session")
+def served(serving_registry: Registry, request: pytest.FixtureRequest) -> Iterator[Served]:
+    request.getfixturevalue("ray_local")  # after the env above is set
+    from ray import serve
+
+    from lidit.config import load_config
+    from serving.app import build_app
+    from serving.config import ServeConfig
+
+    reg = serving_registry
+    port = _free_port()
+    key_file = reg.root / "api_key"
+    key_file.write_text(API_KEY + "\n")
+    main_cfg = load_config(
+        ServeConfig,
+        None,
+        [
+            f"model=models:/{MODEL_NAME}@production",
+            f"models_dir={reg.root / 'models'}",
+            "app_name=main",
+            f"port={port}",
+            *_small_resources(),
+        ],
+    )
+    strict_cfg = load_config(
+        ServeConfig,
+        None,
+        [
+            f"model={reg.exports[0]}",
+            "app_name=strict",
+            "route_prefix=/strict",
+            f"port={port}",
+            *_small_resources(),
+            f"auth.api_key_file={key_file}",
+            "queue.max_inflight=2",
+            "queue.retry_after_s=2",
+        ],
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        # Both apps deploy in parallel (halves fixture time on a busy 2-core box).
+        serve.run_many(
+            [
+                serve.RunTarget(build_app(main_cfg), name="main", route_prefix="/"),
+                serve.RunTarget(build_app(strict_cfg), name="strict", route_prefix="/strict"),
+            ]
+        )
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200
+        yield Served(base, f"{base}/strict", reg)
+    finally:
+        serve.shutdown()

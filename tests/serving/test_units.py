@@ -1,0 +1,60 @@
+"""No Ray needed: request parsing/validation and config loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lidit.config import ConfigError, load_config
+from serving.api import APIError, parse_request, parse_size
+from serving.config import AuthConfig, LimitsConfig, ServeConfig
+
+
+def _parse(body: dict, **limits) -> object:
+    return parse_request(json.dumps(body).encode(), LimitsConfig(**limits), {"m"}, seed=11)
+
+
+def test_defaults_are_filled_in() -> None:
+    job = _parse({"prompt": "  a red circle "})
+    assert (job.prompt, job.n, job.width, job.height, job.steps, job.guidance, job.seed) == (
+        "a red circle",
+        1,
+        64,
+        64,
+        20,
+        4.0,
+        11,
+    )
+
+
+def test_allowed_sizes_list() -> None:
+    limits = LimitsConfig(sizes=["64x64", "96x64"])
+    assert parse_size("96x64", limits) == (96, 64)
+    with pytest.raises(APIError, match="not served"):
+        parse_size("64x96", limits)
+
+
+def test_bool_is_not_an_int() -> None:
+    with pytest.raises(APIError) as exc:
+        _parse({"prompt": "a", "n": True})
+    assert exc.value.status == 400 and exc.value.param == "n"
+
+
+def test_starter_config_loads_and_overrides() -> None:
+    cfg = load_config(ServeConfig, "configs/starter/serve.yaml", ["port=9001"])
+    assert cfg.model == "models:/lidit-starter@production" and cfg.port == 9001
+    assert cfg.host == "127.0.0.1"
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(ServeConfig, None, ["limits.bogus=1"])
+
+
+def test_api_key_from_file_then_env(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LIDIT_API_KEY", "from-env")
+    assert AuthConfig().resolve_key() == "from-env"
+    (tmp_path / "k").write_text("from-file\n")
+    assert AuthConfig(api_key_file=str(tmp_path / "k")).resolve_key() == "from-file"
+    monkeypatch.delenv("LIDIT_API_KEY")
+    assert AuthConfig().resolve_key() is None
+    with pytest.raises(ValueError, match="no key"):
+        AuthConfig(required=True).resolve_key()

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from tests.ray_fixtures import ray_local  # noqa: F401  (shared session fixture)
+
+
+@pytest.fixture(scope="session")
+def micro_cache(
+    request: pytest.FixtureRequest, ray_local: Any, tmp_path_factory: pytest.TempPathFactory
+) -> str:  # noqa: F811
+    """A feature cache of the micro starter train split (both starter LMs + the starter VAE), built once."""
+    prebuilt = os.environ.get("LIDIT_TEST_STARTER_DIR")
+    if prebuilt:
+        from lidit.starter import build_starter
+
+        starter_micro = build_starter(prebuilt, preset="micro", progress=False)
+    else:
+        starter_micro = request.getfixturevalue("starter_micro")
+    if "LIDIT_HOME" not in os.environ:  # MLflow store of these tests: never the developer's
+        os.environ["LIDIT_HOME"] = str(tmp_path_factory.mktemp("lidit_home"))
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from pipelines.build import build_cache
+    from pipelines.config import CacheBuildConfig
+
+    out = tmp_path_factory.mktemp("train_cache") / "cache"
+    cfg = CacheBuildConfig.model_validate(
+        {
+            "sources": [{"uri": str(starter_micro.train_parquet)}],
+            "output": str(out),
+            "vae": str(starter_micro.vae),
+            "encoders": [
+                {"name": "llama", "path": str(starter_micro.lm_llama), "max_length": 64},
+                {"name": "qwen2", "path": str(starter_micro.lm_qwen2), "max_length": 64},
+            ],
+            "resolution": 64,
+            "vae_stage": {"num_cpus": 0.5, "batch_size": 64, "threads": 1},
+            "encoder_stage": {"num_cpus": 0.25, "batch_size": 64, "threads": 1},
+            "mlflow": False,
+            "progress": False,
+        }
+    )
+    build_cache(cfg)
+    return str(out)
