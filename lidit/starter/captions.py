@@ -1,0 +1,192 @@
+"""Captions for scene specs: a small grammar with varied phrasing and word order.
+
+The grammar moves each object around the prompt (prefixes, suffixes, inverted relations, "to the left of X is Y"
+clauses, "X with Y to its left"), so the benchmark can report accuracy by where an object is mentioned - the
+positional-bias view of the LI-DiT paper. Object phrases are always `[determiner/number] [size] colour shape`,
+which is what `locate_mentions` relies on to find them again in any prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lidit.starter.scenes import COLOURS, INVERSE, SHAPES
+
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+PLURALS = {s: s + "s" for s in SHAPES}
+REL_PHRASES = {
+    "left_of": ("to the left of", "left of", "on the left of"),
+    "right_of": ("to the right of", "right of", "on the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+# "<other> with <subject> to its left": the subject is left of the other object.
+REL_PRONOUN = {
+    "left_of": ("to its left", "on its left"),
+    "right_of": ("to its right", "on its right"),
+    "above": ("above it", "over it"),
+    "below": ("below it", "under it", "beneath it"),
+}
+PREFIXES = ("", "", "an image of", "a picture of", "a drawing of", "a simple render of", "this picture shows")
+SUFFIXES = ("", "", "on a black background", "in the image", "on a dark canvas", "drawn on black")
+CLAUSE_PREFIXES = ("", "", "in this image", "in the picture", "here")
+_DETERMINERS = {"a", "an", "one", "single", "the"} | set(NUMBER_WORDS.values())
+_SIZE_VOCAB = {w for words in SIZE_WORDS.values() for w in words}
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class Mention:
+    """Where one object group of a spec is mentioned in a caption (word indices, end inclusive)."""
+
+    object_index: int
+    word_start: int
+    word_end: int
+    rel_pos: float  # words before / (words before + words after): 0 = at the start, 1 = at the end
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object_index": self.object_index,
+            "word_start": self.word_start,
+            "word_end": self.word_end,
+            "rel_pos": self.rel_pos,
+        }
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A caption and, for each object group of its spec, where that group is mentioned."""
+
+    text: str
+    mentions: list[Mention]
+
+
+def relative_position(word_start: int, word_end: int, n_words: int) -> float:
+    """Relative position of a mention: words before it / (words before + words after), 0.5 if it is alone."""
+    before, after = word_start, n_words - word_end - 1
+    return 0.5 if before + after == 0 else before / (before + after)
+
+
+def position_bin(rel_pos: float) -> str:
+    """`first` / `middle` / `last` third of the prompt."""
+    return "first" if rel_pos < 1 / 3 else ("middle" if rel_pos < 2 / 3 else "last")
+
+
+def object_phrase(obj: dict[str, Any], rng: random.Random, size_prob: float = 0.5) -> list[str]:
+    """Words naming one object group, e.g. `["three", "small", "red", "circles"]`."""
+    count = int(obj["count"])
+    if count == 1:
+        words = rng.choices([["a"], ["one"], ["a", "single"]], weights=[0.75, 0.15, 0.1])[0][:]
+    else:
+        words = [NUMBER_WORDS[count]]
+    if rng.random() < size_prob:
+        words.append(rng.choice(SIZE_WORDS[obj["size"]]))
+    words.append(obj["colour"])
+    words.append(obj["shape"] if count == 1 else PLURALS[obj["shape"]])
+    return words
+
+
+def _assemble(pieces: list[str | tuple[int, list[str]]]) -> Caption:
+    words: list[str] = []
+    spans: dict[int, tuple[int, int]] = {}
+    for piece in pieces:
+        if isinstance(piece, tuple):
+            idx, phrase = piece
+            spans[idx] = (len(words), len(words) + len(phrase) - 1)
+            words.extend(phrase)
+        else:
+            words.extend(piece.split())
+    n = len(words)
+    mentions = [Mention(i, s, e, relative_position(s, e, n)) for i, (s, e) in sorted(spans.items())]
+    return Caption(" ".join(words), mentions)
+
+
+def make_caption(spec: dict[str, Any], rng: random.Random) -> Caption:
+    """Sample a caption for `spec` from the grammar."""
+    objs = spec["objects"]
+    phrases = [object_phrase(o, rng) for o in objs]
+    suf = rng.choice(SUFFIXES)
+
+    def pre(first: int) -> str:  # "there is/are" agrees with the object named first
+        return rng.choice(PREFIXES + ("there " + ("are" if objs[first]["count"] > 1 else "is"),))
+
+    rel = spec.get("relation")
+    if rel is None and len(objs) == 1:
+        return _assemble([pre(0), (0, phrases[0]), suf])
+    if rel is None:
+        a, b = (0, 1) if rng.random() < 0.5 else (1, 0)
+        joiner = rng.choice(("and", "and", "together with", "as well as", "next to"))
+        return _assemble([pre(a), (a, phrases[a]), joiner, (b, phrases[b]), suf])
+    s, o, r = rel["subject"], rel["object"], rel["relation"]
+    if rng.random() < 0.5:  # say it the other way round: "B right of A" for "A left of B"
+        s, o, r = o, s, INVERSE[r]
+    subj, other = (s, phrases[s]), (o, phrases[o])
+    form = rng.randrange(5)
+    if form == 0:  # a red circle to the left of a blue square
+        return _assemble([pre(s), subj, rng.choice(REL_PHRASES[r]), other, suf])
+    s_be = "are" if objs[s]["count"] > 1 else "is"
+    if form == 1:  # in this image a red circle is to the left of a blue square
+        return _assemble([rng.choice(CLAUSE_PREFIXES), subj, s_be, rng.choice(REL_PHRASES[r]), other, suf])
+    if form == 2:  # to the left of a blue square there is a red circle
+        return _assemble([rng.choice(REL_PHRASES[r]), other, rng.choice((s_be, f"there {s_be}")), subj, suf])
+    if form == 3:  # a blue square with a red circle to its left
+        return _assemble([pre(o), other, "with", subj, rng.choice(REL_PRONOUN[r]), suf])
+    # a blue square and a red circle above it
+    return _assemble([pre(o), other, "and", subj, rng.choice(REL_PRONOUN[r])])
+
+
+def caption_for(spec: dict[str, Any], seed: int, sample_id: str) -> Caption:
+    """The caption of sample `sample_id`: a pure function of seed, id and spec."""
+    digest = hashlib.sha256(f"caption:{seed}:{sample_id}".encode()).hexdigest()
+    return make_caption(spec, random.Random(int(digest[:16], 16)))
+
+
+def prompt_words(prompt: str) -> list[str]:
+    """The words of a prompt as the grammar and `locate_mentions` count them (lowercase alphanumerics)."""
+    return _WORD.findall(prompt.lower())
+
+
+def locate_mentions(prompt: str, spec: dict[str, Any]) -> list[Mention | None]:
+    """Find each object group of `spec` in any prompt: `colour shape(s)` with its determiner and size words.
+
+    Returns one entry per object group (None where the prompt does not name it that way), so a folder of
+    generated images with free-form prompts still gets a positional breakdown where it can.
+    """
+    words = prompt_words(prompt)
+    n = len(words)
+    out: list[Mention | None] = []
+    for idx, obj in enumerate(spec["objects"]):
+        shape_words = {obj["shape"], PLURALS.get(obj["shape"], obj["shape"])}
+        found: Mention | None = None
+        for i in range(n - 1):
+            if words[i] == obj["colour"] and words[i + 1] in shape_words:
+                start = i
+                while start > 0 and (words[start - 1] in _SIZE_VOCAB or words[start - 1] in _DETERMINERS):
+                    start -= 1
+                found = Mention(idx, start, i + 1, relative_position(start, i + 1, n))
+                break
+        out.append(found)
+    return out
+
+
+def known_vocabulary() -> set[str]:
+    """Every word the grammar can produce (for tests and tokenizer sanity checks)."""
+    vocab: set[str] = set(COLOURS) | set(SHAPES) | set(PLURALS.values()) | _DETERMINERS | _SIZE_VOCAB
+    for group in (
+        PREFIXES,
+        SUFFIXES,
+        CLAUSE_PREFIXES,
+        ("there is", "there are", "and together with as well next to"),
+    ):
+        for phrase in group:
+            vocab.update(phrase.split())
+    for table in (REL_PHRASES, REL_PRONOUN):
+        for phrases in table.values():
+            for phrase in phrases:
+                vocab.update(phrase.split())
+    return vocab | {"with", "is", "are", "a"}

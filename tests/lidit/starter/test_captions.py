@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from collections import Counter
+
+from lidit.starter.captions import (
+    caption_for,
+    known_vocabulary,
+    locate_mentions,
+    position_bin,
+    prompt_words,
+    relative_position,
+)
+from lidit.starter.scenes import heldout_combos, sample_scenes
+
+HELD = heldout_combos(0, 0.1)
+SAMPLES = list(sample_scenes(0, "train", 1500, HELD))
+
+
+def test_caption_is_deterministic_per_id() -> None:
+    sid, spec = SAMPLES[3]
+    assert caption_for(spec, 0, sid) == caption_for(spec, 0, sid)
+    texts = {caption_for(spec, 0, f"x-{i}").text for i in range(30)}
+    assert len(texts) > 10  # varied phrasing for the same scene
+
+
+def test_mentions_are_where_the_objects_are_named() -> None:
+    vocab = known_vocabulary()
+    for sid, spec in SAMPLES:
+        cap = caption_for(spec, 0, sid)
+        words = cap.text.split()
+        assert set(words) <= vocab, cap.text
+        assert len(cap.mentions) == len(spec["objects"])
+        for m, obj in zip(cap.mentions, spec["objects"], strict=True):
+            phrase = words[m.word_start : m.word_end + 1]
+            assert phrase[-2] == obj["colour"] and phrase[-1].startswith(obj["shape"])
+            assert m.rel_pos == relative_position(m.word_start, m.word_end, len(words))
+        # The evaluator finds the same mentions from the text alone.
+        assert locate_mentions(cap.text, spec) == cap.mentions
+
+
+def test_word_order_varies_so_every_object_lands_in_every_third() -> None:
+    bins: Counter[tuple[str, str]] = Counter()
+    subject_first = Counter()
+    for sid, spec in SAMPLES:
+        cap = caption_for(spec, 0, sid)
+        for m in cap.mentions:
+            bins[(spec["kind"], position_bin(m.rel_pos))] += 1
+        if spec["relation"]:
+            subject_first[cap.mentions[0].word_start < cap.mentions[1].word_start] += 1
+    for kind in ("single", "count", "pair", "relation"):
+        for b in ("first", "middle", "last"):
+            assert bins[(kind, b)] >= 20, (kind, b, bins)
+    assert min(subject_first.values()) > 0.3 * sum(subject_first.values())
+
+
+def test_locate_mentions_on_free_text() -> None:
+    spec = {
+        "objects": [
+            {"colour": "red", "shape": "circle", "count": 2},
+            {"colour": "blue", "shape": "square", "count": 1},
+        ]
+    }
+    found = locate_mentions("Two big RED circles, and then a blue square!", spec)
+    assert [(m.word_start, m.word_end) for m in found] == [(0, 3), (6, 8)]
+    assert found[0].rel_pos == 0.0 and found[1].rel_pos == 1.0
+    assert locate_mentions("a green triangle", spec) == [None, None]
+    assert prompt_words("A red-circle") == ["a", "red", "circle"]
+    assert relative_position(0, 2, 3) == 0.5
