@@ -15,3 +15,6 @@ def starter_micro(tmp_path_factory: pytest.TempPathFactory):
     from lidit.starter import build_starter
 
     return build_starter(tmp_path_factory.mktemp("starter_micro"), preset="micro", progress=False)
+
+
+from tests.ray_fixtures import ray_local  # noqa: E402, F401  (one shared Ray per session, for every stage test)

@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 
-from tests.ray_fixtures import ray_local  # noqa: F401  (shared session fixture)
-
 
 @pytest.fixture(autouse=True, scope="package")
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

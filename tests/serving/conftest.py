@@ -19,23 +19,7 @@ from tests.serving.export import build_export, build_shared_assets, register_exp
 MODEL_NAME = "lidit-serve-test"
 API_KEY = "test-key-123"
 
-try:  # shared idempotent Ray fixture, when another suite provides it
-    from tests.ray_fixtures import ray_local  # noqa: F401
-except ImportError:
 
-    @pytest.fixture(scope="session")
-    def ray_local() -> Iterator[None]:
-        import ray
-
-        started = not ray.is_initialized()
-        if started:
-            ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20)
-        yield
-        if started:
-            ray.shutdown()
-
-
-@dataclass
 class Registry:
     root: Path
     exports: list[Path]

@@ -5,13 +5,11 @@ from typing import Any
 
 import pytest
 
-from tests.ray_fixtures import ray_local  # noqa: F401  (shared session fixture)
-
 
 @pytest.fixture(scope="session")
 def micro_cache(
     request: pytest.FixtureRequest, ray_local: Any, tmp_path_factory: pytest.TempPathFactory
-) -> str:  # noqa: F811
+) -> str:
     """A feature cache of the micro starter train split (both starter LMs + the starter VAE), built once."""
     prebuilt = os.environ.get("LIDIT_TEST_STARTER_DIR")
     if prebuilt:
