@@ -71,6 +71,7 @@ def resolve_version(model_uri: str) -> tuple[str, str] | None:
         return None
     import mlflow
 
+    configure_mlflow()  # the LIDIT_HOME store unless MLFLOW_TRACKING_URI says otherwise
     client = mlflow.MlflowClient()
     ref = model_uri[len("models:/") :]
     if "@" in ref:
