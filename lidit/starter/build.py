@@ -7,7 +7,8 @@ Layout of a built starter directory (names are a contract other stages read)::
     images/{train,heldout}/<id>.png + <id>.txt   the same rows as an image folder with caption files
     tokenizer/                       PreTrainedTokenizerFast (AutoTokenizer)
     lm_llama/, lm_qwen2/             save_pretrained causal LMs + tokenizer files (AutoModelForCausalLM)
-    vae/                             save_pretrained AutoencoderKL, scaling_factor = 1 / latent std
+    vae/                             save_pretrained AutoencoderKL; shift_factor = latent mean, scaling_factor =
+                                     1 / latent std, so (z - shift) * scale is standardised
 
 Idempotent by stage: each stage has a key (its config plus the fingerprints of the stages it reads). A stage is
 reused when the key in `summary.json` matches and its files still hash to the recorded fingerprint; otherwise it
@@ -49,6 +50,8 @@ _STAGE_PATHS: dict[str, list[str]] = {
     "vae": ["vae"],
     "evaluator": [],
 }
+# Bumped when a stage's code changes what it writes, so old outputs are rebuilt rather than reused.
+_STAGE_VERSIONS = {"data": 1, "tokenizer": 1, "lm_llama": 1, "lm_qwen2": 1, "vae": 2, "evaluator": 1}
 _EVAL_LIMIT = 300  # images per split scored by the build's evaluator check
 
 
@@ -470,7 +473,9 @@ def build_starter_assets(
             inputs = {"seed": cfg.seed, "vae": cfg_dump["vae"], "data": stages["data"]["fingerprint"]}
         else:
             inputs = {"seed": cfg.seed, "data": stages["data"]["fingerprint"], "limit": _EVAL_LIMIT}
-        return config_hash({"stage": stage, "format": FORMAT_VERSION, **inputs})
+        return config_hash(
+            {"stage": stage, "format": FORMAT_VERSION, "version": _STAGE_VERSIONS[stage], **inputs}
+        )
 
     reused: list[str] = []
 

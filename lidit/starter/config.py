@@ -60,10 +60,11 @@ class LMConfig(StrictModel):
 
     llama: LMArchConfig = LMArchConfig(family="llama", hidden_size=64, intermediate_size=192)
     qwen2: LMArchConfig = LMArchConfig(family="qwen2", hidden_size=96, intermediate_size=256)
-    steps: int = Field(400, ge=1)
+    # Next-token loss on the grammar flattens by ~100 steps (measured: 0.81 at step 100, 0.80 at 200 and 400).
+    steps: int = Field(150, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
-    warmup_steps: int = Field(30, ge=0)
+    warmup_steps: int = Field(15, ge=0)
     max_length: int = Field(64, ge=8, description="tokens per training sample (instruction + caption)")
     instruction: str = DEFAULT_INSTRUCTION
     instruction_prob: float = Field(
@@ -80,7 +81,7 @@ class VAEConfig(StrictModel):
     layers_per_block: int = Field(1, ge=1)
     mid_block_attention: bool = False
     latent_channels: int = Field(4, ge=1)
-    steps: int = Field(800, ge=1)
+    steps: int = Field(600, ge=1)
     batch_size: int = Field(16, ge=1)
     # Early steps train on crops (the VAE is fully convolutional): a 32x32 crop costs a quarter of a full image,
     # so the same CPU time sees more shapes. Measured at equal CPU: 31.3 dB with crops vs 29.1 dB without.
@@ -111,6 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # For tests and smoke runs: same formats, seconds of training (quality numbers are not meaningful).
     "micro": {
+        "parallel": False,  # a worker process would re-import torch and transformers: more than the work here
         "data": {"n_train": 240, "n_heldout": 60, "shard_rows": 100},
         "tokenizer": {"vocab_size": 320},
         "lm": {

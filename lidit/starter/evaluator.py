@@ -84,7 +84,7 @@ class EvalReport:
     """Aggregate accuracies over a set of scored images."""
 
     n_images: int
-    overall: float
+    overall: float | None  # None for an empty set
     categories: dict[str, dict[str, float]]  # name -> {"acc", "n"}
     kinds: dict[str, dict[str, float]]  # scene kind -> {"acc", "n"} (overall accuracy)
     by_position: dict[str, dict[str, float]]  # first/middle/last -> {"acc", "n"} (objects)
@@ -256,8 +256,9 @@ def score_image(
     )
 
 
-def _acc(flags: list[bool]) -> dict[str, float]:
-    return {"acc": round(sum(flags) / len(flags), 4) if flags else float("nan"), "n": len(flags)}
+def _acc(flags: list[bool]) -> dict[str, Any]:
+    # None, not NaN, when nothing applies: the report must stay valid JSON.
+    return {"acc": round(sum(flags) / len(flags), 4) if flags else None, "n": len(flags)}
 
 
 def aggregate(scores: Iterable[ImageScore]) -> EvalReport:
@@ -374,15 +375,18 @@ def control_reports(
 
 def format_report(report: EvalReport, title: str = "") -> str:
     """A small human-readable table of a report."""
+
+    def fmt(v: float | None) -> str:
+        return "  n/a" if v is None else f"{v:.3f}"
+
     lines = [f"{title} ({report.n_images} images)" if title else f"{report.n_images} images"]
-    lines.append(f"  overall   {report.overall:.3f}")
+    lines.append(f"  overall   {fmt(report.overall)}")
     for name, v in report.categories.items():
-        lines.append(f"  {name:<9} {v['acc']:.3f}  (n={v['n']})")
+        lines.append(f"  {name:<9} {fmt(v['acc'])}  (n={v['n']})")
     lines.append("  by scene kind:")
     for name, v in report.kinds.items():
-        lines.append(f"    {name:<9} {v['acc']:.3f}  (n={v['n']})")
+        lines.append(f"    {name:<9} {fmt(v['acc'])}  (n={v['n']})")
     lines.append("  by object position in the prompt:")
     for name, v in report.by_position.items():
-        acc = "  n/a" if v["n"] == 0 else f"{v['acc']:.3f}"
-        lines.append(f"    {name:<9} {acc}  (n={v['n']})")
+        lines.append(f"    {name:<9} {fmt(v['acc'])}  (n={v['n']})")
     return "\n".join(lines)

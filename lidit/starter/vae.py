@@ -86,7 +86,8 @@ def train_vae(
     seed: int,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train the VAE on uint8 (N, H, W, 3) images; returns it with `scaling_factor` set and its metrics.
+    """Train the VAE on uint8 (N, H, W, 3) images; returns it with `scaling_factor` / `shift_factor` set (so
+    `(z - shift_factor) * scaling_factor` is standardised) and its metrics.
 
     The first `crop_fraction` of steps train on random crops (cheaper per shape seen), the rest on full images.
     Loss: pixel MSE (what PSNR measures) + a small KL term on sampled latents, so the posterior variance
@@ -141,17 +142,19 @@ def train_vae(
     vae.eval()
     psnr = psnr_db(vae, held)
     mean, std = latent_stats(vae, held)
-    # Scaled latents (z * scaling_factor) have unit variance: what diffusion noise schedules assume.
+    # Standardised latents, (z - shift_factor) * scaling_factor, have zero mean and unit variance: what diffusion
+    # noise schedules assume (the posterior means are not centred: mean ~0.6 std here, so the shift matters).
     scaling = 1.0 / max(std, 1e-6)
-    vae.register_to_config(scaling_factor=scaling)
+    vae.register_to_config(scaling_factor=scaling, shift_factor=mean)
     n_params = sum(p.numel() for p in vae.parameters())
     metrics = {
         "params": n_params,
         "latent_shape": [cfg.latent_channels, side // down, side // down],
         "heldout_psnr_db": round(psnr, 2),
-        "latent_mean": round(mean, 4),
+        "latent_mean": round(mean, 4),  # of the posterior means, before shift and scaling
         "latent_std": round(std, 4),
-        "scaling_factor": scaling,  # exact: it is also in the saved config
+        "scaling_factor": scaling,  # exact: both are also in the saved config
+        "shift_factor": mean,
         "train_mse_last": round(rec_val, 6),
         "train_seconds": round(time.perf_counter() - t0, 2),
     }

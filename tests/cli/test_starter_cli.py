@@ -20,3 +20,11 @@ def test_starter_build_reuses_and_prints_json(starter_micro, capsys) -> None:
 def test_starter_group_without_command_shows_help(capsys) -> None:
     assert main(["starter"]) == 2
     assert "build" in capsys.readouterr().out
+
+
+def test_starter_build_rejects_unknown_override(tmp_path, capsys) -> None:
+    assert (
+        main(["starter", "build", "--out", str(tmp_path), "--preset", "micro", "--set", "vae.stepz=1"]) == 2
+    )
+    assert "vae.stepz: unknown key" in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists()

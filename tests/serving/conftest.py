@@ -20,6 +20,7 @@ MODEL_NAME = "lidit-serve-test"
 API_KEY = "test-key-123"
 
 
+@dataclass
 class Registry:
     root: Path
     exports: list[Path]
