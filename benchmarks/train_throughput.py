@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -70,7 +72,8 @@ def main() -> None:
     reader = CacheReader(args.cache)
     m = reader.manifest
     table = reader.to_arrow()
-    first_bucket = table.filter(table["bucket"] == table["bucket"][0])
+    bucket = table["bucket"][0].as_py()
+    first_bucket = table.filter(pc.equal(table["bucket"], bucket))
     rows = first_bucket.slice(0, args.batch)
     if rows.num_rows < args.batch:
         raise SystemExit(f"need {args.batch} rows of one bucket, cache has {rows.num_rows}")
@@ -93,10 +96,12 @@ def main() -> None:
     vae = AutoencoderKL.from_pretrained(m.vae.path).eval()
     encoders = [PromptEncoder(EncoderConfig.model_validate(e.config)) for e in m.encoders]
     ids = set(rows["id"].to_pylist())
-    source = pq.read_table(m.sources[0].uri) if m.sources[0].format == "parquet" else None
-    if source is None:
-        raise SystemExit("online comparison needs a Parquet source")
-    source = source.filter(np.isin(source["id"].to_numpy(zero_copy_only=False), list(ids)))
+    if any(src.format != "parquet" for src in m.sources):
+        raise SystemExit("online comparison needs Parquet sources")
+    source = pa.concat_tables(
+        [pq.read_table(src.uri, columns=["id", "image", "caption"]) for src in m.sources]
+    )
+    source = source.filter(pc.is_in(source["id"], value_set=pa.array(sorted(ids))))
     images, captions = source["image"].to_pylist(), source["caption"].to_pylist()
 
     def online_step() -> None:
@@ -120,7 +125,7 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
     try:
         ds = ray.data.read_parquet(reader.shard_uris(), filesystem=reader.filesystem)
-        ds = ds.filter(lambda r: r["bucket"] == table["bucket"][0].as_py()).materialize()
+        ds = ds.filter(lambda r: r["bucket"] == bucket).materialize()
         n_loaded, t0 = 0, time.perf_counter()
         for _ in range(3):
             for batch in ds.iter_batches(batch_size=args.batch, batch_format="numpy", drop_last=True):
