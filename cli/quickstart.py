@@ -23,7 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "starter"
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "quickstart", help="run the whole path on the starter defaults (about 10 min on 2 cores)"
+        "quickstart", help="run the whole path on the starter defaults (about 8 min on 2 cores)"
     )
     parser.add_argument(
         "--preset", default="default", choices=["default", "micro"], help="starter asset size"
