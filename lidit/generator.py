@@ -166,9 +166,10 @@ class LiDiTGenerator(nn.Module):
         branches, masks, conds = [], [], []
         for refiner, feats in zip(self.refiners, texts, strict=True):
             mask = feats.mask.bool()
-            branches.append(refiner(feats.states, mask, t_emb))  # (B, T_i, D)
+            c = refiner.condition(feats.states, mask, t_emb)  # (B, D), also feeds the collaborative refiner
+            branches.append(refiner(feats.states, mask, t_emb, c))  # (B, T_i, D)
             masks.append(mask)
-            conds.append(refiner.condition(feats.states, mask, t_emb))  # (B, D)
+            conds.append(c)
         if self.collaborative is not None:
             branches = self.collaborative(branches, masks, torch.stack(conds).mean(0))
         # The prefix (system prompt + instruction) guided the LLM; only prompt tokens reach the DiT.

@@ -57,9 +57,14 @@ class LinguisticTokenRefiner(nn.Module):
         """c = t_emb + MLP(masked mean of the raw LLM states): (B, D)."""
         return t_emb + self.pool_mlp(masked_mean(states, mask))
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        """states (B, T, Dllm), mask (B, T) bool, t_emb (B, D) -> refined tokens (B, T, D)."""
-        c = self.condition(states, mask, t_emb)  # (B, D)
+    def forward(
+        self, states: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor, c: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """states (B, T, Dllm), mask (B, T) bool, t_emb (B, D) -> refined tokens (B, T, D).
+
+        `c` is `condition(states, mask, t_emb)`; pass it when the caller already computed it.
+        """
+        c = self.condition(states, mask, t_emb) if c is None else c  # (B, D)
         x = self.proj(states)  # (B, T, D)
         for block in self.blocks:
             x = block(x, mask, c)
