@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from cli.common import group_help
+
 
 def _shapes(args: argparse.Namespace) -> int:
     # Imported here so `lidit --help` does not pay for the evaluator's imports.
@@ -52,11 +54,6 @@ def _shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _group_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` command group."""
     parser = subparsers.add_parser(
@@ -64,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="benchmarks: score images against prompt specs",
         description="Benchmarks that score images against their prompts.",
     )
-    parser.set_defaults(handler=lambda _args: _group_help(parser))
+    parser.set_defaults(handler=lambda _args: group_help(parser))
     sub = parser.add_subparsers(dest="eval_command", metavar="BENCHMARK")
     shapes = sub.add_parser(
         "shapes",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cli.common import group_help
 from lidit.generator import GeneratorConfig, TextBranchSpec, count_parameters
 from lidit.presets import PRESETS
 
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lst.add_argument("--llm-width", type=int, default=4096, help="hidden size of each LLM (default 4096)")
     lst.add_argument("--json", action="store_true", help="print one JSON object")
     lst.set_defaults(handler=list_presets)
-    model.set_defaults(handler=lambda args: model.print_help() or 2)
+    model.set_defaults(handler=lambda _args: group_help(model))
 
 
 def preset_rows(llm_width: int) -> list[dict]:

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from cli.common import group_help
+
 
 def _default_out() -> Path:
     from lidit.config import lidit_home
@@ -42,11 +44,6 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _group_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `starter` command group."""
     parser = subparsers.add_parser(
@@ -54,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="build the offline starter assets (data, tokenizer, tiny LMs, tiny VAE)",
         description="Offline starter assets: a compositional shapes set, a tokenizer, two tiny LMs and a tiny VAE.",
     )
-    parser.set_defaults(handler=lambda _args: _group_help(parser))
+    parser.set_defaults(handler=lambda _args: group_help(parser))
     sub = parser.add_subparsers(dest="starter_command", metavar="COMMAND")
     build = sub.add_parser(
         "build",

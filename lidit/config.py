@@ -93,22 +93,26 @@ def expand_vars(text: str) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), text)
 
 
+def read_yaml_mapping(path: str | os.PathLike, expand: bool = True) -> dict[str, Any]:
+    """A YAML config file's top-level mapping, with readable errors; `${VAR}`s expanded unless `expand=False`."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    text = file.read_text()
+    try:
+        loaded = yaml.safe_load(expand_vars(text) if expand else text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{file}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(
     cls: type[ModelT], path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> ModelT:
     """Load `cls` from a YAML file (optional) plus `key=value` overrides, with readable errors."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
-        try:
-            loaded = yaml.safe_load(expand_vars(file.read_text())) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{file}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+    data = read_yaml_mapping(path) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides))
     try:
         return cls.model_validate(data)

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from lidit.cache.contract import StoredDType
@@ -21,6 +19,7 @@ from lidit.config import (
     format_validation_error,
     lidit_home,
     parse_overrides,
+    read_yaml_mapping,
 )
 from lidit.encoder import EncoderConfig
 from pipelines.sources import SourceConfig
@@ -140,17 +139,8 @@ def load_build_config(
     output: str | None = None,
 ) -> CacheBuildConfig:
     """YAML file + `--set` overrides + `--source`/`--output` flags -> a validated config."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: top level must be a mapping")
+    # Expansion happens below, strictly and after the overrides are merged in.
+    data: dict[str, Any] = read_yaml_mapping(path, expand=False) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides))
     if sources:
         data["sources"] = [{"uri": s} for s in sources]
