@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "cli.train",
     "cli.serve",
     "cli.quickstart",
+    "cli.experiment",
 ]
 
 

@@ -1,0 +1,354 @@
+"""`lidit experiment run CONFIG.yaml`: train and score ablation variants with one shared budget.
+
+starter assets -> a feature cache with every encoder the variants need (Ray Data) -> for each variant and
+seed: a training run (Ray Train + FSDP2, its own MLflow run) -> the exported pipeline scored on held-out
+prompts (the compositional evaluator; scores logged into that MLflow run) -> a results table (markdown +
+JSON), a plot of accuracy by where objects are named in the prompt, one image grid per variant.
+
+Finished (variant, seed) results are files in the work directory: running the same command again after a
+kill continues where it stopped and trains nothing twice; a killed training run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cli.common import group_help
+
+REPORT_NAME = "ladder"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "experiment",
+        help="ablation experiments: train variants with one budget, score them, write a results table",
+        description="Ablation experiments on the starter set (see configs/experiments/).",
+    )
+    parser.set_defaults(handler=lambda _args: group_help(parser))
+    commands = parser.add_subparsers(dest="experiment_command", metavar="COMMAND")
+    run_p = commands.add_parser("run", help="train + score every variant and seed, then write the report")
+    run_p.add_argument("config", help="experiment YAML, e.g. configs/experiments/ablation_ladder.yaml")
+    run_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run_p.add_argument("--variants", default=None, help="comma-separated subset of variant names")
+    run_p.add_argument(
+        "--results", default=None, metavar="DIR", help="where the table/plot go (default: WORK_DIR/report)"
+    )
+    run_p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    run_p.set_defaults(handler=_run)
+
+
+def _log(msg: str) -> None:
+    print(f"[experiment] {msg}", file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lidit.config import ConfigError, load_config
+    from lidit.experiment import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+        try:
+            cfg = cfg.model_copy(update={"variants": [cfg.variant(v) for v in wanted]})
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+    summary = run_experiment(cfg, Path(args.results) if args.results else None, command=sys.argv)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(Path(summary["report"]["markdown"]).read_text())
+    return 0
+
+
+# -- stages --------------------------------------------------------------------------------------------------
+
+
+def ladder_cache_config(cfg: Any, assets: Any, output: Path) -> Any:
+    """The cache build config: stage settings from `cfg.cache_config`, sources/VAE/encoders from the starter."""
+    from lidit.encoder import EncoderConfig
+    from pipelines.config import CacheBuildConfig, load_build_config
+
+    base = load_build_config(
+        cfg.cache_config, cfg.cache_set, sources=[str(assets.train_parquet)], output=str(output)
+    )
+    template = base.encoders[0]  # layer, max_length, dtype and instruction text of the base config
+    encoders = [
+        EncoderConfig(
+            name=e.name,
+            path=str(assets.lm_llama if e.lm == "llama" else assets.lm_qwen2),
+            system_prompt=template.system_prompt,
+            instruction=template.instruction if e.instruction else "",
+            layer=template.layer,
+            max_length=template.max_length,
+            dtype=template.dtype,
+        )
+        for e in cfg.encoders
+    ]
+    data = base.model_dump()
+    data.update(encoders=[e.model_dump() for e in encoders], vae=str(assets.vae))
+    return CacheBuildConfig.model_validate(data)
+
+
+def train_overrides(cfg: Any, variant: Any, seed: int, cache_uri: str, storage: Path) -> list[str]:
+    """Training `--set` list of one (variant, seed): experiment-wide settings, the shared budget, the run's
+    identity, then the variant's own switches."""
+    return [
+        *cfg.train_set,
+        f"name={run_name(cfg, variant, seed)}",
+        f"cache={cache_uri}",
+        f"storage_path={storage}",
+        f"steps={cfg.steps}",
+        f"batch_size={cfg.batch_size}",
+        f"seed={seed}",
+        f"model.encoders=[{', '.join(variant.encoders)}]",
+        f"tracking.experiment={cfg.name}",
+        "tracking.registered_model=null",  # variants are results, not versions to serve
+        "tracking.alias=null",
+        "tracking.num_samples=0",  # the evaluation below makes the images
+        *variant.set,
+    ]
+
+
+def run_name(cfg: Any, variant: Any, seed: int) -> str:
+    return f"{cfg.name}-{variant.name}-s{seed}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic: a killed run never leaves a torn result file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _log_eval(run_id: str, report: Any, grid: Any, variant: Any, seed: int, cfg: Any) -> None:
+    """Eval scores, grid and report into the variant's MLflow training run."""
+    import mlflow
+
+    from lidit.experiment import report_metrics
+
+    client = mlflow.MlflowClient()
+    for key, value in report_metrics(report.to_dict()).items():
+        if value is not None:
+            client.log_metric(run_id, f"eval.{key}", float(value), step=cfg.steps)
+    for key, value in {"experiment": cfg.name, "variant": variant.name, "seed": str(seed)}.items():
+        client.set_tag(run_id, f"lidit.experiment.{key}", value)
+    client.log_dict(run_id, report.to_dict(), "eval/report.json")
+    if grid is not None:
+        client.log_image(run_id, grid, artifact_file="eval/grid.png")
+
+
+def train_and_score(
+    cfg: Any, variant: Any, seed: int, cache_uri: str, work: Path, prompts: list, size: int
+) -> dict[str, Any]:
+    """One (variant, seed): train through the training stage, score the exported EMA pipeline."""
+    import mlflow
+
+    from lidit.config import load_config
+    from lidit.experiment import evaluate_pipeline
+    from lidit.images import make_grid
+    from lidit.pipeline import LiDiTPipeline
+    from lidit.registry import PIPELINE_ARTIFACT
+    from training.config import TrainConfig
+    from training.train import run_training
+
+    train_cfg = load_config(
+        TrainConfig, cfg.train_config, train_overrides(cfg, variant, seed, cache_uri, work / "runs")
+    )
+    trained = run_training(train_cfg)
+    run_id = trained["mlflow_run_id"]
+    t0 = time.perf_counter()
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id,
+        artifact_path=PIPELINE_ARTIFACT,
+        dst_path=str(work / "pipelines" / run_name(cfg, variant, seed)),
+    )
+    pipe = LiDiTPipeline.from_pretrained(local)
+    report, images = evaluate_pipeline(pipe, prompts, cfg.eval, size=size)
+    grid = make_grid(images[: cfg.eval.grid], cols=8) if cfg.eval.grid else None
+    if grid is not None:
+        (work / "grids").mkdir(parents=True, exist_ok=True)
+        grid.save(work / "grids" / f"{variant.name}-s{seed}.png")
+    _log_eval(run_id, report, grid, variant, seed, cfg)
+    return {
+        "variant": variant.name,
+        "seed": seed,
+        "eval": report.to_dict(),
+        "final_loss": trained["final_loss"],
+        "train_seconds": trained["seconds"],
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+        "mlflow_run_id": run_id,
+        "pipeline": local,
+        "steps": trained["steps"],
+    }
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": "cpu",
+    }
+
+
+def write_report(summary: dict[str, Any], results_dir: Path, work: Path) -> dict[str, str]:
+    """results_dir/ladder.{md,json} + by-position plot + one grid of every variant's first images."""
+    from PIL import Image
+
+    from lidit.experiment import markdown_table, plot_by_position
+    from lidit.images import make_grid
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot_by_position(summary, results_dir / f"{REPORT_NAME}_by_position.png")
+    rows = []
+    for v in summary["variants"]:
+        if v["seeds"]:
+            path = work / "grids" / f"{v['name']}-s{v['seeds'][0]}.png"
+            if path.is_file():
+                with Image.open(path) as im:
+                    rows.append(im.convert("RGB"))
+    grids = None
+    if rows:
+        width = max(im.width for im in rows)
+        padded = [im if im.width == width else _pad_to(im, width) for im in rows]
+        grids = results_dir / f"{REPORT_NAME}_samples.png"
+        make_grid(padded, cols=1, pad=4).save(grids)
+    m = summary["machine"]
+    budget = summary["budget"]
+    header = [
+        f"# {summary['experiment']}",
+        "",
+        f"- command: `{summary['command']}`",
+        f"- machine: {m['cpus']} CPUs ({m['processor']}), {m['platform']}, Python {m['python']}, torch {m['torch']}",
+        f"- wall time: {summary['seconds']['total']:.0f} s (cache {summary['seconds']['cache']:.0f} s, "
+        f"variants {summary['seconds']['variants']:.0f} s)",
+        f"- shared budget per variant and seed: {budget['steps']} steps x batch {budget['batch_size']} "
+        f"({budget['steps'] * budget['batch_size']} samples), seeds {budget['seeds']}",
+        f"- scored on the first {summary['eval']['prompts']} held-out prompts (colour-shape-relation "
+        f"combinations never seen in training), {summary['eval']['sample_steps']} sampler steps, "
+        f"guidance {summary['eval']['guidance_scale']}",
+        "- cells: mean ± sample std over seeds; `overall` = every object with exact count, colour and shape "
+        "and the relation right; `1st/2nd/3rd third` = object accuracy by where it is named in the prompt",
+        "",
+    ]
+    md = results_dir / f"{REPORT_NAME}.md"
+    md.write_text("\n".join(header) + markdown_table(summary))
+    js = results_dir / f"{REPORT_NAME}.json"
+    _write_json(js, summary)
+    out = {"markdown": str(md), "json": str(js), "plot": str(plot)}
+    if grids:
+        out["samples"] = str(grids)
+    return out
+
+
+def _pad_to(im: Any, width: int) -> Any:
+    from PIL import Image
+
+    canvas = Image.new("RGB", (width, im.height), "white")
+    canvas.paste(im, (0, 0))
+    return canvas
+
+
+def run_experiment(
+    cfg: Any, results_dir: Path | None = None, command: list[str] | None = None
+) -> dict[str, Any]:
+    """Run (or continue) an experiment; returns the summary with the report paths."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    # Read by every training worker; workers inherit the environment of the Ray this process starts.
+    os.environ["LIDIT_TRAIN_THREADS"] = str(cfg.train_threads)
+    import ray
+
+    from lidit.config import lidit_home
+    from lidit.experiment import summarize
+    from lidit.registry import configure_mlflow
+    from lidit.starter import build_starter, heldout_prompts
+    from pipelines.build import build_cache
+
+    t_all = time.perf_counter()
+    home = lidit_home()
+    work = Path(cfg.work_dir or home / "experiments" / cfg.name).resolve()
+    results_dir = (results_dir or work / "report").resolve()
+    _log(f"{cfg.name}: {len(cfg.variants)} variants x {len(cfg.seeds)} seeds, work dir {work}")
+    assets = build_starter(cfg.starter or home / "starter", preset=cfg.starter_preset, progress=True)
+    configure_mlflow(cfg.name)  # before Ray starts, so training workers inherit the tracking URI
+    started = False
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, object_store_memory=150 * 2**20
+        )
+        started = True
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    try:
+        t0 = time.perf_counter()
+        cache_cfg = ladder_cache_config(cfg, assets, work / "cache")
+        _log(f"feature cache with encoders {[e.name for e in cache_cfg.encoders]} at {cache_cfg.output}")
+        cache = build_cache(cache_cfg)
+        cache_seconds = time.perf_counter() - t0
+        prompts = heldout_prompts(assets, cfg.eval.prompts)
+        size = int(assets.summary.get("config", {}).get("data", {}).get("image_size", 64))
+        t0 = time.perf_counter()
+        todo = [(v, s) for v in cfg.variants for s in cfg.seeds]
+        for i, (variant, seed) in enumerate(todo, 1):
+            file = work / "results" / variant.name / f"seed{seed}.json"
+            if file.is_file():
+                results.setdefault(variant.name, {})[seed] = json.loads(file.read_text())
+                _log(f"[{i}/{len(todo)}] {variant.name} seed {seed}: done earlier, reusing {file}")
+                continue
+            _log(
+                f"[{i}/{len(todo)}] {variant.name} seed {seed}: training {cfg.steps} steps on {variant.encoders}"
+            )
+            result = train_and_score(cfg, variant, seed, cache["uri"], work, prompts, size)
+            _write_json(file, result)
+            results.setdefault(variant.name, {})[seed] = result
+            _log(
+                f"[{i}/{len(todo)}] {variant.name} seed {seed}: overall {result['eval']['overall']:.3f}, "
+                f"train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s"
+            )
+        variants_seconds = time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+    summary = summarize(cfg, results)
+    summary.update(
+        command=" ".join(command or ["lidit", "experiment", "run"]),
+        machine=machine(),
+        cache={"uri": cache["uri"], "version": cache.get("version"), "rows": cache.get("rows")},
+        seconds={
+            "total": round(time.perf_counter() - t_all, 1),
+            "cache": round(cache_seconds, 1),
+            "variants": round(variants_seconds, 1),
+        },
+    )
+    summary["report"] = write_report(summary, results_dir, work)
+    _log_summary_run(cfg, summary)
+    _log(f"report: {summary['report']['markdown']}")
+    return summary
+
+
+def _log_summary_run(cfg: Any, summary: dict[str, Any]) -> None:
+    """One MLflow run per experiment invocation holding the table, the JSON and the plots."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(cfg.name)
+    run = client.create_run(
+        exp.experiment_id, run_name=f"{cfg.name}-summary", tags={"lidit.experiment.summary": "1"}
+    )
+    for key in ("markdown", "json", "plot", "samples"):
+        if key in summary["report"]:
+            client.log_artifact(run.info.run_id, summary["report"][key], artifact_path="report")
+    client.set_terminated(run.info.run_id)
+    summary["mlflow_summary_run_id"] = run.info.run_id
