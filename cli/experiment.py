@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.common import group_help
+from lidit.config import ConfigError
 
 REPORT_NAME = "ladder"
 
@@ -49,7 +50,7 @@ def _log(msg: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lidit.config import ConfigError, load_config
+    from lidit.config import load_config
     from lidit.experiment import ExperimentConfig
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
@@ -120,6 +121,17 @@ def run_name(cfg: Any, variant: Any, seed: int) -> str:
     return f"{cfg.name}-{variant.name}-s{seed}"
 
 
+def load_result(file: Path, overrides: list[str]) -> dict[str, Any]:
+    """A finished (variant, seed) result, only if it was trained with the same settings."""
+    result = json.loads(file.read_text())
+    if result.get("train_overrides") != overrides:
+        raise ConfigError(
+            f"{file} was trained with other settings than this config asks for "
+            f"(had {result.get('train_overrides')}, now {overrides}); use another work_dir or delete it"
+        )
+    return result
+
+
 def _write_json(path: Path, obj: Any) -> None:
     """Atomic: a killed run never leaves a torn result file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,48 +157,54 @@ def _log_eval(run_id: str, report: Any, grid: Any, variant: Any, seed: int, cfg:
         client.log_image(run_id, grid, artifact_file="eval/grid.png")
 
 
-def train_and_score(
-    cfg: Any, variant: Any, seed: int, cache_uri: str, work: Path, prompts: list, size: int
-) -> dict[str, Any]:
-    """One (variant, seed): train through the training stage, score the exported EMA pipeline."""
+def train_variant(cfg: Any, variant: Any, seed: int, overrides: list[str], work: Path) -> dict[str, Any]:
+    """Train one (variant, seed) through the training stage; fetch its exported EMA pipeline from MLflow."""
     import mlflow
 
     from lidit.config import load_config
-    from lidit.experiment import evaluate_pipeline
-    from lidit.images import make_grid
-    from lidit.pipeline import LiDiTPipeline
     from lidit.registry import PIPELINE_ARTIFACT
     from training.config import TrainConfig
     from training.train import run_training
 
-    train_cfg = load_config(
-        TrainConfig, cfg.train_config, train_overrides(cfg, variant, seed, cache_uri, work / "runs")
-    )
-    trained = run_training(train_cfg)
-    run_id = trained["mlflow_run_id"]
-    t0 = time.perf_counter()
+    trained = run_training(load_config(TrainConfig, cfg.train_config, overrides))
     local = mlflow.artifacts.download_artifacts(
-        run_id=run_id,
+        run_id=trained["mlflow_run_id"],
         artifact_path=PIPELINE_ARTIFACT,
         dst_path=str(work / "pipelines" / run_name(cfg, variant, seed)),
     )
-    pipe = LiDiTPipeline.from_pretrained(local)
+    return {
+        "variant": variant.name,
+        "seed": seed,
+        "final_loss": trained["final_loss"],
+        "train_seconds": trained["seconds"],
+        "mlflow_run_id": trained["mlflow_run_id"],
+        "pipeline": local,
+        "train_overrides": overrides,
+        "steps": trained["steps"],
+    }
+
+
+def score_variant(
+    cfg: Any, variant: Any, seed: int, trained: dict[str, Any], work: Path, prompts: list, size: int
+) -> dict[str, Any]:
+    """Score a trained (variant, seed) on the held-out prompts; log the scores into its MLflow run."""
+    from lidit.experiment import evaluate_pipeline
+    from lidit.images import make_grid
+    from lidit.pipeline import LiDiTPipeline
+
+    t0 = time.perf_counter()
+    pipe = LiDiTPipeline.from_pretrained(trained["pipeline"])
     report, images = evaluate_pipeline(pipe, prompts, cfg.eval, size=size)
     grid = make_grid(images[: cfg.eval.grid], cols=8) if cfg.eval.grid else None
     if grid is not None:
         (work / "grids").mkdir(parents=True, exist_ok=True)
         grid.save(work / "grids" / f"{variant.name}-s{seed}.png")
-    _log_eval(run_id, report, grid, variant, seed, cfg)
+    _log_eval(trained["mlflow_run_id"], report, grid, variant, seed, cfg)
     return {
-        "variant": variant.name,
-        "seed": seed,
+        **trained,
         "eval": report.to_dict(),
-        "final_loss": trained["final_loss"],
-        "train_seconds": trained["seconds"],
+        "eval_settings": cfg.eval.model_dump(),
         "eval_seconds": round(time.perf_counter() - t0, 1),
-        "mlflow_run_id": run_id,
-        "pipeline": local,
-        "steps": trained["steps"],
     }
 
 
@@ -293,7 +311,7 @@ def run_experiment(
     results: dict[str, dict[int, dict[str, Any]]] = {}
     try:
         t0 = time.perf_counter()
-        cache_cfg = ladder_cache_config(cfg, assets, work / "cache")
+        cache_cfg = ladder_cache_config(cfg, assets, Path(cfg.cache_dir) if cfg.cache_dir else work / "cache")
         _log(f"feature cache with encoders {[e.name for e in cache_cfg.encoders]} at {cache_cfg.output}")
         cache = build_cache(cache_cfg)
         cache_seconds = time.perf_counter() - t0
@@ -303,18 +321,24 @@ def run_experiment(
         todo = [(v, s) for v in cfg.variants for s in cfg.seeds]
         for i, (variant, seed) in enumerate(todo, 1):
             file = work / "results" / variant.name / f"seed{seed}.json"
+            overrides = train_overrides(cfg, variant, seed, cache["uri"], work / "runs")
+            where = f"[{i}/{len(todo)}] {variant.name} seed {seed}"
             if file.is_file():
-                results.setdefault(variant.name, {})[seed] = json.loads(file.read_text())
-                _log(f"[{i}/{len(todo)}] {variant.name} seed {seed}: done earlier, reusing {file}")
-                continue
-            _log(
-                f"[{i}/{len(todo)}] {variant.name} seed {seed}: training {cfg.steps} steps on {variant.encoders}"
-            )
-            result = train_and_score(cfg, variant, seed, cache["uri"], work, prompts, size)
+                result = load_result(file, overrides)
+                if result.get("eval_settings") == cfg.eval.model_dump():
+                    _log(f"{where}: done earlier, reusing {file}")
+                    results.setdefault(variant.name, {})[seed] = result
+                    continue
+                _log(f"{where}: trained earlier, eval settings changed: scoring again")
+            else:
+                _log(f"{where}: training {cfg.steps} steps x {cfg.batch_size} on {variant.encoders}")
+                result = train_variant(cfg, variant, seed, overrides, work)
+                _write_json(file, result)  # trained, not yet scored: a kill now costs no retraining
+            result = score_variant(cfg, variant, seed, result, work, prompts, size)
             _write_json(file, result)
             results.setdefault(variant.name, {})[seed] = result
             _log(
-                f"[{i}/{len(todo)}] {variant.name} seed {seed}: overall {result['eval']['overall']:.3f}, "
+                f"{where}: overall {result['eval']['overall']:.3f}, "
                 f"train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s"
             )
         variants_seconds = time.perf_counter() - t0

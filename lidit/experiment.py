@@ -76,6 +76,7 @@ class ExperimentConfig(StrictModel):
     work_dir: str | None = Field(
         None, description="runs, cache, images (default: $LIDIT_HOME/experiments/NAME)"
     )
+    cache_dir: str | None = Field(None, description="feature cache location (default: WORK_DIR/cache)")
     cache_config: str = Field(
         description="cache build YAML for stage settings; sources/encoders come from here"
     )
