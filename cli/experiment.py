@@ -121,14 +121,24 @@ def run_name(cfg: Any, variant: Any, seed: int) -> str:
     return f"{cfg.name}-{variant.name}-s{seed}"
 
 
-def load_result(file: Path, overrides: list[str]) -> dict[str, Any]:
-    """A finished (variant, seed) result, only if it was trained with the same settings."""
+def data_key(reader: Any, variant: Any) -> dict[str, Any]:
+    """What a variant's training data is: its encoders' and the VAE's fingerprints and the row count."""
+    return {
+        "encoders": {n: reader.encoder_fingerprints[n] for n in variant.encoders},
+        "vae": reader.vae_fingerprint,
+        "rows": reader.num_rows,
+    }
+
+
+def load_result(file: Path, overrides: list[str], data: dict[str, Any]) -> dict[str, Any]:
+    """A finished (variant, seed) result, only if it was trained with the same settings on the same data."""
     result = json.loads(file.read_text())
-    if result.get("train_overrides") != overrides:
-        raise ConfigError(
-            f"{file} was trained with other settings than this config asks for "
-            f"(had {result.get('train_overrides')}, now {overrides}); use another work_dir or delete it"
-        )
+    for key, want in (("train_overrides", overrides), ("data", data)):
+        if result.get(key) != want:
+            raise ConfigError(
+                f"{file} was trained with other settings or data than this run has ({key}: had "
+                f"{result.get(key)}, now {want}); use another work_dir or delete it"
+            )
     return result
 
 
@@ -236,11 +246,11 @@ def write_report(summary: dict[str, Any], results_dir: Path, work: Path) -> dict
             path = work / "grids" / f"{v['name']}-s{v['seeds'][0]}.png"
             if path.is_file():
                 with Image.open(path) as im:
-                    rows.append(im.convert("RGB"))
+                    rows.append(_labelled(im.convert("RGB"), f"{v['name']} (seed {v['seeds'][0]})"))
     grids = None
     if rows:
         width = max(im.width for im in rows)
-        padded = [im if im.width == width else _pad_to(im, width) for im in rows]
+        padded = [im if im.width == width else _pad_right(im, width) for im in rows]
         grids = results_dir / f"{REPORT_NAME}_samples.png"
         make_grid(padded, cols=1, pad=4).save(grids)
     m = summary["machine"]
@@ -271,7 +281,17 @@ def write_report(summary: dict[str, Any], results_dir: Path, work: Path) -> dict
     return out
 
 
-def _pad_to(im: Any, width: int) -> Any:
+def _labelled(im: Any, label: str, margin: int = 150) -> Any:
+    """`im` with `label` written in a white column on its left."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (im.width + margin, im.height), "white")
+    canvas.paste(im, (margin, 0))
+    ImageDraw.Draw(canvas).text((4, im.height // 2 - 6), label, fill="black")
+    return canvas
+
+
+def _pad_right(im: Any, width: int) -> Any:
     from PIL import Image
 
     canvas = Image.new("RGB", (width, im.height), "white")
@@ -289,10 +309,11 @@ def run_experiment(
     os.environ["LIDIT_TRAIN_THREADS"] = str(cfg.train_threads)
     import ray
 
+    from lidit.cache.reader import CacheReader
     from lidit.config import lidit_home
-    from lidit.experiment import summarize
+    from lidit.experiment import reference_metrics, summarize
     from lidit.registry import configure_mlflow
-    from lidit.starter import build_starter, heldout_prompts
+    from lidit.starter import build_starter, heldout_prompts, iter_split
     from pipelines.build import build_cache
 
     t_all = time.perf_counter()
@@ -315,16 +336,21 @@ def run_experiment(
         _log(f"feature cache with encoders {[e.name for e in cache_cfg.encoders]} at {cache_cfg.output}")
         cache = build_cache(cache_cfg)
         cache_seconds = time.perf_counter() - t0
+        reader = CacheReader(cache["uri"])
         prompts = heldout_prompts(assets, cfg.eval.prompts)
-        size = int(assets.summary.get("config", {}).get("data", {}).get("image_size", 64))
+        references = reference_metrics(
+            [(r["image"], r["spec"], r["caption"]) for r in iter_split(assets, "heldout", cfg.eval.prompts)]
+        )
+        size = reader.manifest.image.resolution
         t0 = time.perf_counter()
         todo = [(v, s) for v in cfg.variants for s in cfg.seeds]
         for i, (variant, seed) in enumerate(todo, 1):
             file = work / "results" / variant.name / f"seed{seed}.json"
             overrides = train_overrides(cfg, variant, seed, cache["uri"], work / "runs")
             where = f"[{i}/{len(todo)}] {variant.name} seed {seed}"
+            data = data_key(reader, variant)
             if file.is_file():
-                result = load_result(file, overrides)
+                result = load_result(file, overrides, data)
                 if result.get("eval_settings") == cfg.eval.model_dump():
                     _log(f"{where}: done earlier, reusing {file}")
                     results.setdefault(variant.name, {})[seed] = result
@@ -332,7 +358,7 @@ def run_experiment(
                 _log(f"{where}: trained earlier, eval settings changed: scoring again")
             else:
                 _log(f"{where}: training {cfg.steps} steps x {cfg.batch_size} on {variant.encoders}")
-                result = train_variant(cfg, variant, seed, overrides, work)
+                result = {**train_variant(cfg, variant, seed, overrides, work), "data": data}
                 _write_json(file, result)  # trained, not yet scored: a kill now costs no retraining
             result = score_variant(cfg, variant, seed, result, work, prompts, size)
             _write_json(file, result)
@@ -347,6 +373,7 @@ def run_experiment(
             ray.shutdown()
     summary = summarize(cfg, results)
     summary.update(
+        references=references,
         command=" ".join(command or ["lidit", "experiment", "run"]),
         machine=machine(),
         cache={"uri": cache["uri"], "version": cache.get("version"), "rows": cache.get("rows")},

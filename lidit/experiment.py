@@ -146,6 +146,19 @@ def evaluate_pipeline(
     return aggregate(scores), images
 
 
+def reference_metrics(items: list[tuple[Any, dict[str, Any], str]]) -> dict[str, dict[str, float | None]]:
+    """Flat metrics of the real `(image, spec, prompt)` held-out items scored against their own prompts (the
+    ceiling of any generator) and against other items' prompts (what an image that ignores its prompt gets)."""
+    from lidit.starter.evaluator import control_reports, score_images
+
+    return {
+        "real images, own prompts (ceiling)": report_metrics(score_images(items).to_dict()),
+        "real images, shuffled prompts (chance)": report_metrics(
+            control_reports(items)["shuffled_prompts"].to_dict()
+        ),
+    }
+
+
 # -- aggregation -------------------------------------------------------------------------------------------
 
 METRICS: tuple[str, ...] = (
@@ -249,6 +262,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
             v["paper"] or "",
         ]
         lines.append("| " + " | ".join(row) + " |")
+    for name, metrics in summary.get("references", {}).items():
+        cells = [_cell({"mean": metrics[key], "std": 0.0, "n": 1}) for key, _ in _COLUMNS]
+        lines.append("| " + " | ".join([f"*{name}*", "-", "-", *cells, "-", ""]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -153,7 +153,7 @@ def test_smoke_ladder_trains_scores_reports_and_resumes(
 
     # Another budget over the same work dir is refused before anything trains (results would mix).
     assert main(["experiment", "run", str(config), "--set", "steps=3"]) == 2
-    assert "trained with other settings" in capsys.readouterr().err
+    assert "trained with other settings or data" in capsys.readouterr().err
     assert len(client.search_runs([exp.experiment_id])) == n_runs + 2
 
 

@@ -17,6 +17,7 @@ from lidit.experiment import (
     markdown_table,
     mean_std,
     plot_by_position,
+    reference_metrics,
     report_metrics,
     summarize,
 )
@@ -140,6 +141,21 @@ def test_summary_keeps_config_order_and_aggregates_over_seeds() -> None:
     assert len(lines) == 2 + 2  # header, rule, one row per variant
     assert "| `two` | a, b | 2 | 0.200 ± 0.141 |" in table
     assert "| `one` | a | 0 | n/a |" in table
+
+
+def test_reference_rows_bracket_the_table(starter_micro) -> None:
+    from lidit.starter import iter_split
+
+    items = [(r["image"], r["spec"], r["caption"]) for r in iter_split(starter_micro, "heldout", limit=30)]
+    refs = reference_metrics(items)
+    ceiling, chance = refs.values()
+    assert ceiling["overall"] == 1.0 and ceiling["cat.colour"] == 1.0
+    assert chance["overall"] < 0.5 and chance["cat.binding"] < ceiling["cat.binding"]
+    summary = summarize(_config(), {})
+    summary["references"] = refs
+    table = markdown_table(summary)
+    assert "| *real images, own prompts (ceiling)* | - | - | 1.000 | 1.000 |" in table
+    assert table.strip().splitlines()[-1].startswith("| *real images, shuffled prompts (chance)* |")
 
 
 def test_plot_is_written(tmp_path: Path) -> None:
