@@ -60,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
             cfg = cfg.model_copy(update={"variants": [cfg.variant(v) for v in wanted]})
         except KeyError as exc:
             raise ConfigError(str(exc.args[0])) from None
-    summary = run_experiment(cfg, Path(args.results) if args.results else None, command=sys.argv)
+    command = ["lidit", *sys.argv[1:]]
+    summary = run_experiment(cfg, Path(args.results) if args.results else None, command=command)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -272,7 +273,7 @@ def write_report(summary: dict[str, Any], results_dir: Path, work: Path) -> dict
         "",
     ]
     md = results_dir / f"{REPORT_NAME}.md"
-    md.write_text("\n".join(header) + markdown_table(summary))
+    md.write_text("\n".join(header) + "\n" + markdown_table(summary))
     js = results_dir / f"{REPORT_NAME}.json"
     _write_json(js, summary)
     out = {"markdown": str(md), "json": str(js), "plot": str(plot)}
