@@ -46,14 +46,19 @@ class Variant(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> Variant:
-        for pair in self.set:
-            key = pair.split("=", 1)[0].strip()
-            if key in SHARED_KEYS:
-                raise ValueError(
-                    f"variant {self.name!r} overrides {key!r}: the budget and run identity are shared by "
-                    f"every variant (set `steps`, `batch_size`, `seeds` on the experiment)"
-                )
+        check_not_shared(self.set, f"variant {self.name!r}")
         return self
+
+
+def check_not_shared(overrides: list[str], where: str) -> None:
+    """Refuse training overrides of the keys the runner owns (they would be silently replaced)."""
+    for pair in overrides:
+        key = pair.split("=", 1)[0].strip()
+        if key in SHARED_KEYS:
+            raise ValueError(
+                f"{where} overrides {key!r}: the budget and run identity are set by the experiment "
+                f"(`steps`, `batch_size`, `seeds`), the same for every variant"
+            )
 
 
 class EvalSection(StrictModel):
@@ -103,6 +108,7 @@ class ExperimentConfig(StrictModel):
             unknown = [e for e in v.encoders if e not in names]
             if unknown:
                 raise ValueError(f"variant {v.name!r} uses encoders {unknown} not in encoders {names}")
+        check_not_shared(self.train_set, "train_set")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be unique, got {self.seeds}")
         return self

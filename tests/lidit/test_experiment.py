@@ -84,6 +84,7 @@ def test_shipped_ladder_config_is_valid_and_covers_the_issue() -> None:
         ({"variants": [{"name": "x", "encoders": ["a"], "set": ["steps=5"]}]}, "budget"),
         ({"variants": [{"name": "x", "encoders": ["a"], "set": ["seed=3"]}]}, "budget"),
         ({"variants": [{"name": "a+b", "encoders": ["a"]}]}, "pattern"),
+        ({"train_set": ["batch_size=7"]}, "budget"),
         ({"seeds": [1, 1]}, "unique"),
         ({"encoders": [{"name": "a", "lm": "llama"}, {"name": "a", "lm": "qwen2"}]}, "unique"),
         ({"encoders": [{"name": "a", "lm": "gpt2"}]}, "llama"),
