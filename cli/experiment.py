@@ -228,7 +228,6 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "device": "cpu",
     }
 
 
@@ -249,11 +248,9 @@ def write_report(summary: dict[str, Any], results_dir: Path, work: Path) -> dict
                 with Image.open(path) as im:
                     rows.append(_labelled(im.convert("RGB"), f"{v['name']} (seed {v['seeds'][0]})"))
     grids = None
-    if rows:
-        width = max(im.width for im in rows)
-        padded = [im if im.width == width else _pad_right(im, width) for im in rows]
+    if rows:  # same eval settings for every variant: the rows have one size
         grids = results_dir / f"{REPORT_NAME}_samples.png"
-        make_grid(padded, cols=1, pad=4).save(grids)
+        make_grid(rows, cols=1, pad=4).save(grids)
     m = summary["machine"]
     budget = summary["budget"]
     header = [
@@ -292,14 +289,6 @@ def _labelled(im: Any, label: str, margin: int = 150) -> Any:
     return canvas
 
 
-def _pad_right(im: Any, width: int) -> Any:
-    from PIL import Image
-
-    canvas = Image.new("RGB", (width, im.height), "white")
-    canvas.paste(im, (0, 0))
-    return canvas
-
-
 def run_experiment(
     cfg: Any, results_dir: Path | None = None, command: list[str] | None = None
 ) -> dict[str, Any]:
@@ -314,7 +303,7 @@ def run_experiment(
     from lidit.config import lidit_home
     from lidit.experiment import reference_metrics, summarize
     from lidit.registry import configure_mlflow
-    from lidit.starter import build_starter, heldout_prompts, iter_split
+    from lidit.starter import build_starter, iter_split
     from pipelines.build import build_cache
 
     t_all = time.perf_counter()
@@ -338,10 +327,9 @@ def run_experiment(
         cache = build_cache(cache_cfg)
         cache_seconds = time.perf_counter() - t0
         reader = CacheReader(cache["uri"])
-        prompts = heldout_prompts(assets, cfg.eval.prompts)
-        references = reference_metrics(
-            [(r["image"], r["spec"], r["caption"]) for r in iter_split(assets, "heldout", cfg.eval.prompts)]
-        )
+        heldout = list(iter_split(assets, "heldout", cfg.eval.prompts))  # one read: prompts and references
+        prompts = [(r["caption"], r["spec"]) for r in heldout]
+        references = reference_metrics([(r["image"], r["spec"], r["caption"]) for r in heldout])
         size = reader.manifest.image.resolution
         t0 = time.perf_counter()
         todo = [(v, s) for v in cfg.variants for s in cfg.seeds]
