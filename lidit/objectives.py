@@ -39,8 +39,15 @@ class TrainingTargets:
 
 def ddpm_scheduler() -> DDPMScheduler:
     """The training noise schedule of the epsilon objective (DiT's linear betas)."""
+    # diffusers defaults to clip_sample=True, a pixel-space clamp of the predicted x0 to [-1, 1]. Our latents
+    # are scaled VAE latents (std ~1, tails well past +-2): clipping them is wrong, so both clamps are off.
     return DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=False,
+        thresholding=False,
     )
 
 
@@ -81,7 +88,8 @@ def make_scheduler(objective: ObjectiveName, sampler: str | None = None) -> Sche
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
     base = ddpm_scheduler().config
     if sampler == "ddim":
-        return DDIMScheduler.from_config(base, timestep_spacing="trailing", set_alpha_to_one=False)
+        # set_alpha_to_one: the last step lands on the predicted x0, not on x0 plus the t=0 noise level.
+        return DDIMScheduler.from_config(base, timestep_spacing="trailing", set_alpha_to_one=True)
     if sampler == "dpm":
         return DPMSolverMultistepScheduler.from_config(base, timestep_spacing="trailing")
     return DDPMScheduler.from_config(base)

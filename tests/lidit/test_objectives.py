@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lidit.objectives import cfg_drop_mask, ddpm_scheduler, make_scheduler, training_targets
+from lidit.objectives import SAMPLERS, cfg_drop_mask, ddpm_scheduler, make_scheduler, training_targets
 
 
 def test_flow_targets_follow_the_straight_path() -> None:
@@ -36,3 +36,33 @@ def test_sampler_must_fit_objective() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         make_scheduler("flow", "ddim")
     assert type(make_scheduler("epsilon")).__name__ == "DDIMScheduler"
+
+
+class _OracleGenerator(torch.nn.Module):
+    """Predicts the exact epsilon / velocity that leads back to one known latent `x0`."""
+
+    def __init__(self, x0: torch.Tensor, objective: str) -> None:
+        super().__init__()
+        self.x0, self.objective = x0, objective
+        self.config = type("Cfg", (), {"latent_channels": x0.shape[1]})()
+        self.alphas = ddpm_scheduler().alphas_cumprod
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, texts: list) -> torch.Tensor:
+        x0 = self.x0.expand_as(latents)
+        if self.objective == "flow":
+            sigma = (timesteps / 1000).view(-1, 1, 1, 1)
+            return (latents - x0) / sigma  # v = noise - x0
+        ab = self.alphas[timesteps.long()].view(-1, 1, 1, 1)
+        return (latents - ab.sqrt() * x0) / (1 - ab).sqrt()  # epsilon
+
+
+@pytest.mark.parametrize(("objective", "sampler"), [(o, s) for o, ss in SAMPLERS.items() for s in ss])
+def test_samplers_never_clip_latents(objective: str, sampler: str) -> None:
+    """Scaled VAE latents have tails beyond +-2: a sampler fed the exact prediction must return the latent
+    unchanged (diffusers' pixel-space default clip_sample=True clamps x0 to [-1, 1] at every step)."""
+    from lidit.pipeline import LiDiTPipeline
+
+    x0 = torch.linspace(-3.0, 3.0, 4 * 8 * 8).view(1, 4, 8, 8)
+    pipe = LiDiTPipeline(_OracleGenerator(x0, objective), None, objective, sampler=sampler)
+    out = pipe.sample([], None, seeds=[0, 1], latent_height=8, latent_width=8, num_inference_steps=10)
+    torch.testing.assert_close(out, x0.expand(2, -1, -1, -1), atol=2e-3, rtol=1e-3)
