@@ -1,8 +1,10 @@
 """The LI-DiT backbone: patchify -> residual conv position block -> adaLN-Zero DiT blocks with
 self-attention and cross-attention to the fused text tokens (both with QK RMSNorm) -> modulated final layer.
 
-No absolute 2D position table: the depthwise conv block gives tokens their position, so any latent size
-divisible by the patch size works, including sizes never seen in training.
+Position: a 2D sin-cos embedding computed on the fly for the token grid at hand (no learned table, so any
+latent size divisible by the patch size works, including sizes never seen in training), then the residual
+depthwise conv block. The conv alone (zero padding makes only the border tokens distinguishable) left single
+objects scattered in fragments; with the sin-cos grid they come out whole.
 """
 
 from __future__ import annotations
@@ -11,6 +13,26 @@ import torch
 from torch import nn
 
 from lidit.layers import MLP, AdaLN, Attention, modulate
+
+
+def sincos_2d(dim: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding of an h x w token grid (MAE / DiT style): (h*w, dim).
+
+    Half the channels encode the row, half the column, each as sin/cos at geometric frequencies.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    parts = []
+    for pos in (ys.flatten(), xs.flatten()):
+        angles = pos[:, None] * freqs[None, :]  # (N, dim/4)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).to(dtype)  # (N, dim)
 
 
 class ConvPositionBlock(nn.Module):
@@ -75,9 +97,11 @@ class LiDiT(nn.Module):
         heads: int = 6,
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
+        sincos_position: bool = True,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
+        self.sincos_position = sincos_position
         self.patch_size = patch_size
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.pos_block = ConvPositionBlock(dim)
@@ -93,8 +117,11 @@ class LiDiT(nn.Module):
         if height % p or width % p:
             raise ValueError(f"latent size {height}x{width} is not divisible by patch size {p}")
         h, w = height // p, width // p
-        tokens = self.pos_block(self.patch_embed(x))  # (B, D, h, w)
-        tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
+        tokens = self.patch_embed(x)  # (B, D, h, w)
+        if self.sincos_position:
+            pos = sincos_2d(tokens.shape[1], h, w, tokens.device, tokens.dtype)  # (N, D)
+            tokens = tokens + pos.T.reshape(1, -1, h, w)
+        tokens = self.pos_block(tokens).flatten(2).transpose(1, 2)  # (B, N, D)
         for block in self.blocks:
             tokens = block(tokens, c, text, text_mask)
         out = self.final(tokens, c)  # (B, N, p*p*C)

@@ -49,6 +49,7 @@ class GeneratorConfig(StrictModel):
     patch_size: int = Field(2, ge=1)
     latent_channels: int = Field(4, ge=1)
     qk_norm: bool = True
+    sincos_position: bool = Field(True, description="add a 2D sin-cos grid embedding before the conv block")
     timestep_channels: int = Field(256, ge=2)
 
     @model_validator(mode="after")
@@ -140,6 +141,7 @@ class LiDiTGenerator(nn.Module):
             config.heads,
             config.mlp_ratio,
             config.qk_norm,
+            config.sincos_position,
         )
         self.initialize_weights()
 

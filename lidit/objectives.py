@@ -2,8 +2,12 @@
 
 - `epsilon`: DDPM noise prediction, the paper's objective. Noise schedule from diffusers `DDPMScheduler`;
   sampling with DDIM (default), DDPM or DPM-Solver++ built from the same scheduler config.
-- `flow` (ours): rectified flow, velocity = noise - x0 with logit-normal timesteps (SD3 / Sana style);
-  sampling with `FlowMatchEulerDiscreteScheduler`.
+- `flow` (ours): rectified flow, velocity = noise - x0 (SD3 / Sana style); sampling with
+  `FlowMatchEulerDiscreteScheduler`. Training noise levels are `shift`ed towards pure noise: the same map
+  sigma = shift * u / (1 + (shift - 1) * u) as the sampler's `shift`, applied to u ~ uniform (default) or
+  logit-normal. Colour and layout are decided at sigma > 0.9, which logit-normal(0, 1) alone trains on 1.4%
+  of rows: measured on a 4-prompt toy, that left the model unable to tell prompts apart from near-pure
+  noise after 400 steps (x0 error 1.5x the target variance), while uniform + shift 3 got to 0.02x.
 
 Timesteps fed to the model are in [0, 1000) for both, so the same timestep embedding serves both.
 """
@@ -23,6 +27,8 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 ObjectiveName = Literal["epsilon", "flow"]
+TimestepSampling = Literal["uniform", "logit_normal"]
+TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "logit_normal")
 SAMPLERS: dict[str, tuple[str, ...]] = {"epsilon": ("ddim", "ddpm", "dpm"), "flow": ("euler",)}
 DEFAULT_SAMPLER = {"epsilon": "ddim", "flow": "euler"}
 NUM_TRAIN_TIMESTEPS = 1000
@@ -51,10 +57,20 @@ def ddpm_scheduler() -> DDPMScheduler:
     )
 
 
+def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The resolution/time shift of SD3 and diffusers' FlowMatch schedulers: shift > 1 moves noise levels up."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def training_targets(
-    objective: ObjectiveName, x0: torch.Tensor, generator: torch.Generator | None = None
+    objective: ObjectiveName,
+    x0: torch.Tensor,
+    generator: torch.Generator | None = None,
+    flow_shift: float = 1.0,
+    timestep_sampling: TimestepSampling = "uniform",
 ) -> TrainingTargets:
-    """Sample timesteps and noise for clean latents x0 (B, C, H, W)."""
+    """Sample timesteps and noise for clean latents x0 (B, C, H, W); `flow_shift` and `timestep_sampling`
+    apply to the flow objective only."""
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if objective == "epsilon":
@@ -62,8 +78,13 @@ def training_targets(
         noisy = ddpm_scheduler().add_noise(x0, noise, t)
         return TrainingTargets(noisy, t.float(), noise)
     if objective == "flow":
-        # Logit-normal timesteps concentrate training on the middle of the path (SD3).
-        u = torch.sigmoid(torch.randn(b, generator=generator, device=x0.device, dtype=x0.dtype))
+        if timestep_sampling == "logit_normal":  # SD3's middle-heavy density
+            u = torch.sigmoid(torch.randn(b, generator=generator, device=x0.device, dtype=x0.dtype))
+        elif timestep_sampling == "uniform":
+            u = torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
+        else:
+            raise ValueError(f"unknown timestep sampling {timestep_sampling!r}; choose {TIMESTEP_SAMPLINGS}")
+        u = shift_sigmas(u, flow_shift)
         sigma = u.view(b, 1, 1, 1)
         noisy = (1 - sigma) * x0 + sigma * noise
         return TrainingTargets(noisy, u * NUM_TRAIN_TIMESTEPS, noise - x0)
@@ -77,15 +98,17 @@ def cfg_drop_mask(batch: int, p: float, generator: torch.Generator | None = None
     return torch.rand(batch, generator=generator) < p
 
 
-def make_scheduler(objective: ObjectiveName, sampler: str | None = None) -> SchedulerMixin:
-    """A diffusers scheduler that samples from a model trained with `objective`."""
+def make_scheduler(
+    objective: ObjectiveName, sampler: str | None = None, flow_shift: float = 1.0
+) -> SchedulerMixin:
+    """A diffusers scheduler that samples from a model trained with `objective` (and, for flow, `flow_shift`)."""
     sampler = sampler or DEFAULT_SAMPLER[objective]
     if sampler not in SAMPLERS.get(objective, ()):
         raise ValueError(
             f"sampler {sampler!r} does not fit objective {objective!r}; use one of {SAMPLERS[objective]}"
         )
     if objective == "flow":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=flow_shift)
     base = ddpm_scheduler().config
     if sampler == "ddim":
         # set_alpha_to_one: the last step lands on the predicted x0, not on x0 plus the t=0 noise level.

@@ -36,6 +36,7 @@ class PipelineSpec(StrictModel):
 
     objective: ObjectiveName = "epsilon"
     sampler: str | None = None
+    flow_shift: float = Field(1.0, gt=0, description="sampler shift of a flow model (its training shift)")
     encoders: list[EncoderConfig] = Field(min_length=1)
     encoder_fingerprints: dict[str, str] = Field(default_factory=dict)
     vae: str
@@ -80,8 +81,10 @@ class LiDiTPipeline:
         encoders: list[PromptEncoder] | None = None,
         sampler: str | None = None,
         device: str | torch.device = "cpu",
+        flow_shift: float = 1.0,
     ) -> None:
         self.generator = generator.eval()
+        self.flow_shift = flow_shift
         self.vae = vae.eval() if vae is not None else None
         self.objective = objective
         self.encoders = encoders or []
@@ -111,7 +114,7 @@ class LiDiTPipeline:
         encoders = [PromptEncoder(cfg, device=device) for cfg in spec.encoders] if load_encoders else None
         if check_fingerprints:
             check_spec_fingerprints(spec, encoders)
-        return cls(generator, vae, spec.objective, encoders, spec.sampler, device)
+        return cls(generator, vae, spec.objective, encoders, spec.sampler, device, spec.flow_shift)
 
     def save_pretrained(self, directory: str | Path, spec: PipelineSpec) -> None:
         directory = Path(directory)
@@ -147,7 +150,7 @@ class LiDiTPipeline:
             torch.randn(1, c, latent_height, latent_width, generator=torch.Generator().manual_seed(int(s)))
             for s in seeds
         ]
-        scheduler = make_scheduler(self.objective, self.sampler)
+        scheduler = make_scheduler(self.objective, self.sampler, self.flow_shift)
         scheduler.set_timesteps(num_inference_steps)
         # FlowMatch schedulers start from unit noise and have no init_noise_sigma / scale_model_input.
         latents = (torch.cat(noise) * getattr(scheduler, "init_noise_sigma", 1.0)).to(self.device)

@@ -116,3 +116,14 @@ def test_paper_presets_parameter_counts() -> None:
     assert 0.9e9 < one_b < 1.2e9
     assert 9.5e9 < ten_b < 11e9
     assert PRESETS["LI-DiT-1B"].depth == 28 and PRESETS["LI-DiT-10B"].heads == 44
+
+
+def test_sincos_grid_gives_every_token_its_own_position() -> None:
+    from lidit.dit import sincos_2d
+
+    pos = sincos_2d(96, 5, 7, torch.device("cpu"), torch.float32)  # (35, 96): any grid, no table
+    assert pos.shape == (35, 96)
+    dists = torch.cdist(pos, pos) + torch.eye(35) * 1e9
+    assert dists.min() > 0.1  # no two tokens of the grid share an embedding
+    # The same cell has the same embedding in a larger grid (positions extend, they are not rescaled).
+    torch.testing.assert_close(sincos_2d(96, 8, 7, torch.device("cpu"), torch.float32)[:35], pos)

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lidit.objectives import SAMPLERS, cfg_drop_mask, ddpm_scheduler, make_scheduler, training_targets
+from lidit.objectives import (
+    SAMPLERS,
+    cfg_drop_mask,
+    ddpm_scheduler,
+    make_scheduler,
+    shift_sigmas,
+    training_targets,
+)
 
 
 def test_flow_targets_follow_the_straight_path() -> None:
@@ -66,3 +73,22 @@ def test_samplers_never_clip_latents(objective: str, sampler: str) -> None:
     pipe = LiDiTPipeline(_OracleGenerator(x0, objective), None, objective, sampler=sampler)
     out = pipe.sample([], None, seeds=[0, 1], latent_height=8, latent_width=8, num_inference_steps=10)
     torch.testing.assert_close(out, x0.expand(2, -1, -1, -1), atol=2e-3, rtol=1e-3)
+
+
+def test_flow_shift_trains_where_sampling_starts() -> None:
+    """uniform + shift 3 puts a quarter of the rows at sigma > 0.9 (logit-normal(0, 1): 1.4%), with the same
+    sigma map as the sampler's shift."""
+    x0 = torch.zeros(20000, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    shifted = training_targets("flow", x0, g, flow_shift=3.0).timesteps / 1000
+    assert abs((shifted > 0.9).float().mean().item() - 0.25) < 0.01
+    plain = training_targets("flow", x0, g, flow_shift=1.0, timestep_sampling="logit_normal").timesteps / 1000
+    assert (plain > 0.9).float().mean().item() < 0.02
+    scheduler = make_scheduler("flow", flow_shift=3.0)
+    scheduler.set_timesteps(10)
+    u = torch.linspace(
+        1.0, 0.0, 10
+    )  # about FlowMatchEuler's unshifted sigmas (its tail end differs a little)
+    torch.testing.assert_close(scheduler.sigmas[:5], shift_sigmas(u[:5], 3.0), atol=3e-3, rtol=0)
+    with pytest.raises(ValueError, match="timestep sampling"):
+        training_targets("flow", x0[:2], g, timestep_sampling="beta")
