@@ -52,14 +52,38 @@ def vae_scale(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def _channel_stats(vae: AutoencoderKL, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel (mean, std) as (1, C, 1, 1) tensors when the VAE config has `latents_mean`/`latents_std`."""
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, len(mean), 1, 1)
+    return (
+        torch.tensor(mean, dtype=z.dtype, device=z.device).view(shape),
+        torch.tensor(std, dtype=z.dtype, device=z.device).view(shape),
+    )
+
+
 def latents_to_vae_space(latents: torch.Tensor, vae: AutoencoderKL) -> torch.Tensor:
-    """Undo the scaling applied when latents were cached: z / scaling_factor + shift_factor."""
+    """Undo `vae_to_latents`."""
+    stats = _channel_stats(vae, latents)
+    if stats is not None:
+        return latents * stats[1] / vae.config.scaling_factor + stats[0]
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return latents / vae.config.scaling_factor + shift
 
 
 def vae_to_latents(z: torch.Tensor, vae: AutoencoderKL) -> torch.Tensor:
-    """Scale raw VAE latents to the unit-variance space the generator is trained in."""
+    """Scale raw VAE latents to the unit-variance space the generator is trained in.
+
+    With `latents_mean` / `latents_std` in the VAE config (diffusers' per-channel convention, as in SDXL and
+    Wan): `(z - mean_c) / std_c * scaling_factor`, so every channel weighs the same in the loss. Otherwise
+    one shift and scale for all channels: `(z - shift_factor) * scaling_factor`.
+    """
+    stats = _channel_stats(vae, z)
+    if stats is not None:
+        return (z - stats[0]) / stats[1] * vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (z - shift) * vae.config.scaling_factor
 

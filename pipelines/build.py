@@ -82,6 +82,8 @@ def _vae_entry(cfg: CacheBuildConfig, image: C.ImageSettings) -> C.VaeEntry:
         scale=2 ** (len(vcfg["block_out_channels"]) - 1),
         scaling_factor=float(vcfg.get("scaling_factor") or 1.0),
         shift_factor=float(vcfg.get("shift_factor") or 0.0),
+        latents_mean=vcfg.get("latents_mean"),
+        latents_std=vcfg.get("latents_std"),
         dtype=cfg.latent_dtype,
     )
 

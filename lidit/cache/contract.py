@@ -213,6 +213,8 @@ class VaeEntry(StrictModel):
     scale: int = Field(gt=0, description="pixels per latent cell")
     scaling_factor: float
     shift_factor: float = 0.0
+    latents_mean: list[float] | None = Field(None, description="per-channel mean (then shift_factor unused)")
+    latents_std: list[float] | None = Field(None, description="per-channel std, with latents_mean")
     dtype: StoredDType = "float16"
 
 

@@ -7,8 +7,8 @@ Layout of a built starter directory (names are a contract other stages read)::
     images/{train,heldout}/<id>.png + <id>.txt   the same rows as an image folder with caption files
     tokenizer/                       PreTrainedTokenizerFast (AutoTokenizer)
     lm_llama/, lm_qwen2/             save_pretrained causal LMs + tokenizer files (AutoModelForCausalLM)
-    vae/                             save_pretrained AutoencoderKL; shift_factor = latent mean, scaling_factor =
-                                     1 / latent std, so (z - shift) * scale is standardised
+    vae/                             save_pretrained AutoencoderKL; per-channel latents_mean / latents_std (diffusers'
+                                     convention), so lidit.pipeline.vae_to_latents standardises every channel
 
 Idempotent by stage: each stage has a key (its config plus the fingerprints of the stages it reads). A stage is
 reused when the key in `summary.json` matches and its files still hash to the recorded fingerprint; otherwise it
@@ -51,7 +51,7 @@ _STAGE_PATHS: dict[str, list[str]] = {
     "evaluator": [],
 }
 # Bumped when a stage's code changes what it writes, so old outputs are rebuilt rather than reused.
-_STAGE_VERSIONS = {"data": 1, "tokenizer": 1, "lm_llama": 1, "lm_qwen2": 1, "vae": 2, "evaluator": 1}
+_STAGE_VERSIONS = {"data": 2, "tokenizer": 1, "lm_llama": 1, "lm_qwen2": 1, "vae": 3, "evaluator": 1}
 _EVAL_LIMIT = 300  # images per split scored by the build's evaluator check
 
 

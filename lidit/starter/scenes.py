@@ -43,7 +43,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
-SIZES: dict[str, int] = {"small": 12, "large": 19}  # bounding-box side in pixels at image_size 64
+# Bounding-box side in pixels at image_size 64. With the 4x VAE and patch 2 one generator token covers 8x8 px:
+# at 12 / 19 px a small object was 1.5 tokens wide and its shape lived inside one token's latent values;
+# 16 / 24 px gives every object 2-3 tokens a side (four small ones or a large pair still fit with clear gaps).
+SIZES: dict[str, int] = {"small": 16, "large": 24}
 RELATIONS: tuple[str, ...] = ("left_of", "right_of", "above", "below")
 INVERSE: dict[str, str] = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
 COUNTS: tuple[int, ...] = (2, 3, 4)
