@@ -97,7 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     tracker = RankZeroTracker(cfg, loop_config, reader, gen_config, names) if rank == 0 else None
     per_worker = cfg.batch_size // world
-    batches = bucketed_batches(ray.train.get_dataset_shard("train"), per_worker, reader, epoch, position)
+    batches = bucketed_batches(reader, per_worker, rank, world, cfg.seed, epoch, position)
     fail_marker = Path(cfg.storage_path) / cfg.name / ".failed_once"
     window: list[float] = []
     t_last = time.perf_counter()

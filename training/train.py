@@ -75,22 +75,20 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training to `cfg.steps`; returns the summary printed by `--json`."""
     import mlflow
-    import ray
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from lidit.cache.reader import CacheReader
-    from training.data import training_columns
+    from training.data import CacheIndex
     from training.loop import train_loop_per_worker
 
     started = time.perf_counter()
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
+    # Fail here, not in every worker, when no bucket can fill a batch; say which rows can never train.
+    for warning in CacheIndex.build(reader).check(cfg.batch_size):
+        print(f"[train] warning: {warning}", file=sys.stderr, flush=True)
     ensure_ray()
     run_id = mlflow_run(cfg)
-    dataset = ray.data.read_parquet(reader.shard_uris(), filesystem=reader.filesystem).select_columns(
-        training_columns(reader)
-    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -112,9 +110,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
-        datasets={"train": dataset},
-        # Same split and order on every run, so a resumed run sees the batches an uninterrupted one would.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        # No Ray Data split: each worker reads its slice of a per-epoch plan that every rank computes alike
+        # (training/data.py), so step counts match across ranks and a resumed run replays the same order.
     )
     result = trainer.fit()
     if result.error:
