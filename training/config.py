@@ -41,6 +41,19 @@ class ScaleSection(StrictModel):
     )
     activation_checkpointing: bool = False
     compile: bool = False
+    strategy: Literal["auto", "fsdp", "replicate"] = Field(
+        "auto",
+        description="data parallelism: fsdp = FSDP2 sharding; replicate = DDP-style full replicas with one "
+        "gradient all-reduce; auto = fsdp on GPU, replicate for small models on CPU (see "
+        "training.parallelize.resolve_strategy)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ScaleSection:
+        if self.strategy == "replicate" and self.mixed_precision == "bf16":
+            # bf16 compute comes from FSDP2's MixedPrecisionPolicy; replicas have no such policy here.
+            raise ValueError("mixed_precision bf16 needs strategy fsdp (or auto on GPU)")
+        return self
 
 
 class CheckpointSection(StrictModel):

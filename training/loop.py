@@ -1,9 +1,11 @@
 """The per-worker training loop (runs inside Ray Train workers).
 
-Every worker builds the same generator from the same seed, shards it with FSDP2, reads its split of the cache
-through Ray Data, and takes exactly `steps` steps (FSDP collectives need the same count everywhere). Randomness
-per step (noise, timesteps, CFG drops) comes from a generator seeded by (seed, rank, step), so a resumed run
-draws the same numbers as an uninterrupted one.
+Every worker builds the same generator from the same seed, wraps it for data parallelism (FSDP2 or replicas,
+`scale.strategy`), reads its split of the cache, and takes exactly `steps` steps (collectives need the same
+count everywhere). The step itself is `training.step.train_step`, the same function the benchmarks time.
+Randomness per step (noise, timesteps, CFG drops) comes from a generator seeded by (seed, rank, step), so a
+resumed run draws the same numbers as an uninterrupted one. Losses stay on the device between logs: one
+reduction every `tracking.log_every` steps (and at checkpoints), no per-step host sync.
 """
 
 from __future__ import annotations
@@ -11,16 +13,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from ray.train import Checkpoint
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -29,11 +27,11 @@ from lidit.cache.contract import manifest_name
 from lidit.cache.reader import CacheReader, batch_to_training_inputs
 from lidit.encoder import EncoderConfig
 from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec, TextFeatures
-from lidit.objectives import cfg_drop_mask, training_targets
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
-from training.parallelize import parallelize
-from training.state import EMA, lr_at
+from training.parallelize import parallelize, resolve_strategy
+from training.state import EMA
+from training.step import MetricWindow, build_optimizer, step_generator, train_step
 
 
 def build_generator_config(cfg: TrainConfig, reader: CacheReader) -> GeneratorConfig:
@@ -56,10 +54,6 @@ def select_branches(texts: list[TextFeatures], reader: CacheReader, names: list[
     return [texts[index[n]] for n in names]
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((seed, rank, step)) % (2**63))
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry: `loop_config` holds the TrainConfig dict and driver-side facts (MLflow run)."""
     cfg = TrainConfig.model_validate(loop_config["config"])
@@ -77,10 +71,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)  # same init on every rank before sharding
     model = LiDiTGenerator(gen_config).to(device)
     mesh = init_device_mesh(device.type, (world,))
-    parallelize(model, mesh, bf16, cfg.scale.activation_checkpointing, cfg.scale.compile)
-    optim = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-    )
+    num_params = sum(p.numel() for p in model.parameters())
+    strategy = resolve_strategy(cfg.scale.strategy, device.type, world, num_params, bf16)
+    parallelize(model, mesh, bf16, cfg.scale.activation_checkpointing, cfg.scale.compile, strategy)
+    optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     train_state = torch.zeros(3, dtype=torch.long)  # step, epoch, position in epoch
 
@@ -93,14 +87,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if rank == 0:
             print(f"[train] resumed from step {int(train_state[0])}", flush=True)
+    if rank == 0:
+        print(f"[train] {num_params / 1e6:.1f}M parameters, {strategy} over {world} worker(s)", flush=True)
     start_step, epoch, position = (int(x) for x in train_state)
 
     tracker = RankZeroTracker(cfg, loop_config, reader, gen_config, names) if rank == 0 else None
     per_worker = cfg.batch_size // world
     batches = bucketed_batches(reader, per_worker, rank, world, cfg.seed, epoch, position)
     fail_marker = Path(cfg.storage_path) / cfg.name / ".failed_once"
-    window: list[float] = []
-    t_last = time.perf_counter()
+    window = MetricWindow()
     loss_value = float("nan")
     last_step = min(cfg.steps, cfg.stop_after or cfg.steps)
     for step in range(start_step, last_step):
@@ -112,47 +107,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 os._exit(1)
         epoch, position, latents, texts = next(batches)
         texts = select_branches(texts, reader, names)
-        g = step_generator(cfg.seed, rank, step)
-        drop = cfg_drop_mask(latents.shape[0], cfg.cfg_drop_prob, g)
-        texts = [t.drop_prompt(drop).to(device) for t in texts]
-        targets = training_targets(cfg.model.objective, latents, g)
-        for group in optim.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.optim)
-        pred = model(targets.noisy.to(device), targets.timesteps.to(device), texts)
-        loss = F.mse_loss(pred.float(), targets.target.to(device).float())
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        ema.update(model)
-
-        reduced = loss.detach().clone()
-        dist.all_reduce(reduced)
-        loss_value = reduced.item() / world
-        window.append(loss_value)
+        out = train_step(
+            model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, rank, step), device
+        )
+        window.add(out)
         done = step + 1
         train_state = torch.tensor([done, epoch, position], dtype=torch.long)
-        if tracker and (done % cfg.tracking.log_every == 0 or done == cfg.steps):
-            elapsed = time.perf_counter() - t_last
-            t_last = time.perf_counter()
-            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            tracker.log_metrics(
-                done,
-                {
-                    "loss": float(np.mean(window)),
-                    "lr": optim.param_groups[0]["lr"],
-                    "grad_norm": float(gn),
-                    "samples_per_s": len(window) * cfg.batch_size / max(elapsed, 1e-9),
-                    "epoch": epoch,
-                },
-            )
-            window = []
+        log_now = done % cfg.tracking.log_every == 0 or done == cfg.steps
+        checkpoint_now = done % cfg.checkpoint.every == 0 or done == last_step
+        if log_now or checkpoint_now:  # every rank reduces at the same steps (a collective)
+            loss_value, grad_norm = window.reduce()
+        if log_now:
+            steps_in_window = window.steps
+            elapsed = window.reset()
+            if tracker:
+                tracker.log_metrics(
+                    done,
+                    {
+                        "loss": loss_value,
+                        "lr": optim.param_groups[0]["lr"],
+                        "grad_norm": grad_norm,
+                        "samples_per_s": steps_in_window * cfg.batch_size / max(elapsed, 1e-9),
+                        "epoch": epoch,
+                    },
+                )
         if cfg.tracking.sample_every and done % cfg.tracking.sample_every == 0 and done < cfg.steps:
             weights = ema.full_state_dict()
             if tracker:
                 tracker.log_samples(done, weights)
         metrics = {"step": done, "loss": loss_value, "epoch": epoch}
-        if done % cfg.checkpoint.every == 0 or done == last_step:
+        if checkpoint_now:
             save_and_report(model, optim, ema, train_state, metrics)
 
     if last_step < cfg.steps:  # stopped early on purpose: the checkpoint is the result
@@ -235,7 +219,9 @@ class RankZeroTracker:
         if self._vae is None:
             self._vae = AutoencoderKL.from_pretrained(self.reader.vae_path)
         texts, captions, (h, w) = self._sample_inputs()
-        pipe = LiDiTPipeline(generator, self._vae, self.cfg.model.objective)
+        pipe = LiDiTPipeline(
+            generator, self._vae, self.cfg.model.objective, flow_shift=self.cfg.model.flow_shift
+        )
         uncond = [t.drop_prompt(torch.ones(t.mask.shape[0], dtype=torch.bool)) for t in texts]
         seeds = list(range(len(captions)))
         latents = pipe.sample(
@@ -276,6 +262,7 @@ class RankZeroTracker:
         generator.load_state_dict(weights, strict=True)
         spec = PipelineSpec(
             objective=self.cfg.model.objective,
+            flow_shift=self.cfg.model.flow_shift,
             encoders=[EncoderConfig.model_validate(self.reader.encoder_config(n)) for n in self.names],
             encoder_fingerprints={n: self.reader.encoder_fingerprints[n] for n in self.names},
             vae=self.reader.vae_path,

@@ -1,0 +1,164 @@
+"""The shared train step and the data-parallel strategies, Ray-free: two gloo processes on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+
+from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec, TextFeatures
+from training.config import TrainConfig
+from training.parallelize import REPLICATE_MAX_PARAMS_CPU, parallelize, resolve_strategy
+from training.state import EMA, full_model_state
+from training.step import MetricWindow, build_optimizer, step_generator, train_step
+
+BRANCHES = [TextBranchSpec(name="a", hidden_size=24), TextBranchSpec(name="b", hidden_size=16)]
+STEPS, RESUME_AT, PER_RANK = 4, 2, 2
+
+
+def _cfg() -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "steps": STEPS,
+            "batch_size": 2 * PER_RANK,
+            "optim": {"lr": 3e-3, "warmup_steps": 1, "ema_decay": 0.5},
+        }
+    )
+
+
+def _model() -> LiDiTGenerator:
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = LiDiTGenerator(
+        GeneratorConfig.from_preset("tiny", BRANCHES, dim=32, depth=2, heads=2, refiner_depth=1)
+    )
+    with torch.no_grad():  # adaLN-Zero outputs exactly 0 at init: give the zeroed layers weights
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    return model
+
+
+def _batch(rank: int, step: int) -> tuple[torch.Tensor, list[TextFeatures]]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    latents = torch.randn(PER_RANK, 4, 8, 8, generator=g)
+    texts = []
+    for spec in BRANCHES:
+        mask = torch.ones(PER_RANK, 7, dtype=torch.bool)
+        mask[0, 5:] = False  # ragged prompts
+        texts.append(TextFeatures(torch.randn(PER_RANK, 7, spec.hidden_size, generator=g), mask, 3))
+    return latents, texts
+
+
+def _train(rank: int, strategy: str, steps: range, ckpt: Path | None, load: bool) -> dict:
+    cfg = _cfg()
+    model = _model()
+    parallelize(model, init_device_mesh("cpu", (dist.get_world_size(),)), strategy=strategy)
+    optim = build_optimizer(model, cfg)
+    ema = EMA(model, cfg.optim.ema_decay)
+    if load:
+        model_sd, optim_sd = get_state_dict(model, optim)
+        state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}
+        dcp.load(state, checkpoint_id=str(ckpt))
+        set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    window, losses = MetricWindow(), []
+    for step in steps:
+        latents, texts = _batch(rank, step)
+        window.add(train_step(model, optim, ema, latents, texts, cfg, step, step_generator(0, rank, step)))
+        losses.append(window.reduce()[0])
+        window.reset()
+    if ckpt is not None and not load:
+        model_sd, optim_sd = get_state_dict(model, optim)
+        dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}, checkpoint_id=str(ckpt))
+    return {"losses": losses, "ema": ema.full_state_dict(), "model": full_model_state(model)}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    results = {}
+    for strategy in ("fsdp", "replicate"):
+        straight = _train(rank, strategy, range(STEPS), None, load=False)
+        ckpt = Path(out) / f"ckpt-{strategy}"
+        _train(rank, strategy, range(RESUME_AT), ckpt, load=False)
+        resumed = _train(rank, strategy, range(RESUME_AT, STEPS), ckpt, load=True)
+        results[strategy] = {"straight": straight, "resumed": resumed}
+    if rank == 0:
+        torch.save(results, Path(out) / "results.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("two_ranks")
+    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")
+    return torch.load(out / "results.pt")
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_fsdp_and_replicas_train_the_same_weights(two_rank_results: dict) -> None:
+    fsdp, rep = two_rank_results["fsdp"]["straight"], two_rank_results["replicate"]["straight"]
+    assert fsdp["losses"] == pytest.approx(rep["losses"], rel=1e-5)
+    _assert_same(fsdp["model"], rep["model"])
+    _assert_same(fsdp["ema"], rep["ema"])  # EMA export gathers full, clean-named tensors under both
+    assert fsdp["ema"].keys() == dict(_model().named_parameters()).keys()
+    assert not torch.equal(
+        fsdp["ema"]["backbone.final.linear.weight"], fsdp["model"]["backbone.final.linear.weight"]
+    )
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "replicate"])
+def test_dcp_resume_matches_straight_run(two_rank_results: dict, strategy: str) -> None:
+    run = two_rank_results[strategy]
+    assert run["resumed"]["losses"] == pytest.approx(run["straight"]["losses"][RESUME_AT:], rel=1e-5)
+    _assert_same(run["straight"]["ema"], run["resumed"]["ema"])
+    _assert_same(run["straight"]["model"], run["resumed"]["model"])
+
+
+def test_resolve_strategy() -> None:
+    small, big = 3_500_000, REPLICATE_MAX_PARAMS_CPU + 1
+    assert resolve_strategy("auto", "cpu", 2, small) == "replicate"
+    assert resolve_strategy("auto", "cpu", 1, small) == "single"
+    assert resolve_strategy("auto", "cpu", 2, big) == "fsdp"
+    assert resolve_strategy("auto", "cuda", 8, small) == "fsdp"
+    assert resolve_strategy("auto", "cpu", 2, small, bf16=True) == "fsdp"
+    assert resolve_strategy("fsdp", "cpu", 1, small) == "fsdp"
+    with pytest.raises(ValueError, match="bf16"):
+        resolve_strategy("replicate", "cuda", 2, small, bf16=True)
+    with pytest.raises(ValueError, match="bf16"):
+        TrainConfig.model_validate({"scale": {"strategy": "replicate", "mixed_precision": "bf16"}})
+
+
+def test_step_returns_tensors_and_window_means_them() -> None:
+    cfg, model = _cfg(), _model()
+    optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
+    window, seen = MetricWindow(), []
+    for step in range(3):
+        latents, texts = _batch(0, step)
+        out = train_step(model, optim, ema, latents, texts, cfg, step, step_generator(0, 0, step))
+        assert isinstance(out.loss, torch.Tensor) and out.loss.dim() == 0 and not out.loss.requires_grad
+        seen.append(out.loss.item())
+        window.add(out)
+    loss, grad_norm = window.reduce()
+    assert loss == pytest.approx(sum(seen) / 3) and grad_norm > 0
+    assert optim.param_groups[0]["lr"] < cfg.optim.lr  # cosine schedule past warmup
+    assert window.reset() > 0 and window.steps == 0

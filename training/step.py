@@ -1,0 +1,132 @@
+"""The one generator train step, shared by the Ray Train loop, the benchmarks and Ray-free (GPU) checks.
+
+Ray-free on purpose (torch + `lidit` + the pydantic config only), so a bare single-process loop and the
+distributed loop time and train exactly the same code. Nothing here reads a tensor back to the host: the step
+returns its loss and gradient norm as tensors, and `MetricWindow` turns a window of them into numbers with one
+reduction when the loop logs. A per-step `.item()` (plus its all-reduce) would stall every step on the slowest
+rank and, on GPU, drain the launch queue.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from lidit.generator import TextFeatures
+from lidit.objectives import cfg_drop_mask, training_targets
+from training.config import TrainConfig
+from training.state import EMA, lr_at
+
+
+class StepOutput(NamedTuple):
+    """What one step leaves behind, still on the device: no host sync has happened."""
+
+    loss: torch.Tensor  # () this rank's mean squared error, detached
+    grad_norm: torch.Tensor  # () total gradient norm before clipping (a DTensor under FSDP2)
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The CPU generator of one step on one rank: noise, timesteps and CFG drops depend only on
+    (seed, rank, step), so a resumed or restarted run draws exactly what an uninterrupted one does."""
+    return torch.Generator().manual_seed(hash((seed, rank, step)) % (2**63))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the (possibly sharded) parameters.
+
+    `foreach=True` is pinned because torch only defaults to the multi-tensor kernels for CUDA tensors; on CPU
+    the default is a Python loop over ~100 small parameters, which is a visible share of a tiny model's step.
+    """
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+        foreach=True,
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optim: torch.optim.Optimizer,
+    ema: EMA,
+    latents: torch.Tensor,
+    texts: list[TextFeatures],
+    cfg: TrainConfig,
+    step: int,
+    generator: torch.Generator,
+    device: torch.device | None = None,
+) -> StepOutput:
+    """One optimizer step on one batch: CFG dropout, noising, LR schedule, forward, MSE, backward, clip, AdamW, EMA.
+
+    `latents` (B, C, H, W) and `texts` (one `TextFeatures` per generator branch, in its order) arrive on the
+    CPU from the loader; random draws use the CPU `generator` so they do not depend on the device, and inputs
+    move to `device` (default: the latents' device) only afterwards. `step` is the 0-based index of this step
+    (it sets the learning rate). Returns the loss and gradient norm as tensors: reading them is the caller's
+    choice (see `MetricWindow`).
+    """
+    device = device or latents.device
+    drop = cfg_drop_mask(latents.shape[0], cfg.cfg_drop_prob, generator)
+    texts = [t.drop_prompt(drop).to(device) for t in texts]
+    targets = training_targets(
+        cfg.model.objective, latents, generator, cfg.model.flow_shift, cfg.model.timestep_sampling
+    )
+    lr = lr_at(step, cfg.steps, cfg.optim)
+    for group in optim.param_groups:
+        group["lr"] = lr
+    pred = model(targets.noisy.to(device), targets.timesteps.to(device), texts)  # (B, C, H, W)
+    loss = F.mse_loss(pred.float(), targets.target.to(device).float())
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    ema.update(model)
+    return StepOutput(loss.detach(), grad_norm.detach())
+
+
+class MetricWindow:
+    """Step outputs between two logs, kept as device tensors; `reduce` reads them with one collective.
+
+    The loss is summed on the device, so a window of any length costs one all-reduce and one host read.
+    `reduce` is a collective when a process group is up: every rank must call it at the same steps.
+    """
+
+    def __init__(self) -> None:
+        self.loss_sum: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, out: StepOutput) -> None:
+        self.loss_sum = out.loss if self.loss_sum is None else self.loss_sum + out.loss
+        self.grad_norm = out.grad_norm
+        self.steps += 1
+
+    def reduce(self) -> tuple[float, float]:
+        """(mean loss over the window and the ranks, last step's gradient norm); the window is kept."""
+        if self.loss_sum is None or self.grad_norm is None:
+            raise ValueError("empty metric window")
+        norm = self.grad_norm
+        if isinstance(norm, DTensor):  # FSDP2: a no-op for a replicated norm, a reduction for a partial one
+            norm = norm.full_tensor()
+        stats = torch.stack([self.loss_sum / self.steps, norm.float()])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            # Replicas' grad norms are equal after the gradient all-reduce, so averaging leaves them unchanged.
+            dist.all_reduce(stats)
+            stats = stats / world
+        loss, grad_norm = stats.tolist()
+        return loss, grad_norm
+
+    def reset(self) -> float:
+        """Start a new window; returns the seconds the closed one took (read after `reduce` synced)."""
+        now = time.perf_counter()
+        elapsed, self.started = now - self.started, now
+        self.loss_sum, self.grad_norm, self.steps = None, None, 0
+        return elapsed
