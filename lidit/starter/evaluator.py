@@ -2,8 +2,24 @@
 
 Detection is classical image processing, no model: every pixel is classified by its colour *direction* from the
 background (an antialiased or faded pixel keeps its colour's direction), kept when it is at least half-way from
-the background to that colour, and grouped into 8-connected blobs per colour; each blob's shape is the best IoU
-among the four shape templates drawn into its bounding box.
+the background to that colour, and grouped into 8-connected blobs per colour.
+
+A blob gets a shape only when it *is* a discrete shape; otherwise its shape is "unknown" (it still counts for
+`colour`). Some template always fits a blob best, so without these tests noise and soft blobs earned shape
+labels (noise images scored shape 0.5-0.8, soft blobs 0.35, the starter VAE's decodes of random latents 0.9).
+Each test rejects one kind of impostor; the `noise` and `blobs` controls of `control_reports` and
+`tests/lidit/starter/test_evaluator.py` hold the measurements:
+
+- size: the blob's implied bounding side is within the object sizes of `scenes.SIZES`, with slack (specks of
+  noise and colour floods are not objects);
+- isolation: the ring 2-3 px outside its half-coverage outline is mostly background. A drawn object ends within
+  a pixel or two of that outline, even blurred by a VAE; noise is surrounded by other colours and a Gaussian
+  blob by its own long faint tail. This is what stops smooth noise, whose plateaus can fit a template well;
+- fit: the soft coverage matches a shape template drawn with the blob's mass at its centroid, sharp or blurred
+  by 0.6 or 1.2 px, at IoU >= `MIN_IOU`. Comparing a blurry reconstruction with a blurry template keeps real
+  shapes far above the bar, while irregular blobs and decoded random latents stay below it;
+- margin: that IoU beats the best other shape's by `MIN_MARGIN` (a blob as much a circle as a diamond is
+  neither).
 
 Categories (each image is scored on the ones that apply to its spec):
 
@@ -25,8 +41,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +52,12 @@ from PIL import Image, ImageDraw
 
 from lidit.starter.captions import locate_mentions, position_bin
 from lidit.starter.render import draw_shape
-from lidit.starter.scenes import BACKGROUND, COLOURS, SHAPES, relation_holds
+from lidit.starter.scenes import BACKGROUND, COLOURS, SHAPES, SIZES, relation_holds
 
 CATEGORIES: tuple[str, ...] = ("colour", "shape", "binding", "count", "position")
 POSITION_BINS: tuple[str, ...] = ("first", "middle", "last")
 SPECS_FILE = "specs.jsonl"
+ScoredItem = tuple[Image.Image | np.ndarray, dict[str, Any], str | None]  # (image, spec, prompt)
 
 _COLOUR_NAMES = list(COLOURS)
 _BG = np.asarray(BACKGROUND, dtype=np.float32) / 255.0
@@ -49,9 +67,23 @@ _UNIT = _DIRS / _NORMS[:, None]
 
 MIN_ALPHA = 0.5  # fraction of the way from background to the colour for a pixel to count as the object
 MIN_COS = 0.9  # cosine to the nearest palette direction; greys and whites are not palette colours
-MIN_IOU = 0.5  # best shape template IoU below this: shape "unknown"
 MIN_AREA_FRAC = 12 / (64 * 64)  # blobs smaller than this fraction of the image are noise
 RELATION_MARGIN_FRAC = 2 / 64  # centres must differ by this fraction of the width along the relation axis
+# Shape tests (see the module docstring), measured per blob. Best IoU: renders >= 0.93 (lead >= 0.10), blurred
+# 1.2 px and JPEG'd >= 0.88 (lead >= 0.026), the starter VAE's round trips of 12/19 px objects >= 0.83 (small
+# diamonds and circles come back alike: 1% of blobs lead by < 0.008). Blobs that pass size and isolation: soft
+# blobs <= 0.79, decoded random latents <= 0.80. Smooth noise fits up to 0.96 but fails isolation.
+MIN_IOU = 0.8  # best blur-matched template IoU below this: shape "unknown"
+MIN_MARGIN = 0.01  # IoU lead over the best other shape below this: "unknown" (a tie is no shape)
+TEMPLATE_BLURS: tuple[float, ...] = (0.0, 0.6, 1.2)  # Gaussian sigmas (px) the templates are tried at
+# Implied bounding side as a fraction of the image width: 2/3 of the small object size to 1.5x the large one
+# (`scenes.SIZES` at 64 px), room for a generator that draws objects a little small or large.
+SIDE_RANGE_FRAC = (2 / 3 * min(SIZES.values()) / 64, 1.5 * max(SIZES.values()) / 64)
+RING = (2, 3)  # px (Chebyshev) outside the half-coverage outline that must be background
+CLEAR_LEVEL = 0.25  # RGB distance from the background below which a ring pixel is background
+# Fraction of the ring that must be background: real objects measure >= 0.91, noise and blobs that fit a template
+# at IoU >= 0.8 <= 0.63; the slack lets another object touch a quarter of the ring (pressed closer: no shape).
+MIN_CLEAR_RING = 0.75
 
 
 @dataclass(frozen=True)
@@ -63,7 +95,8 @@ class Detection:
     area: int
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
     center: tuple[float, float]  # centroid x, y
-    iou: float  # IoU with the chosen shape template
+    iou: float  # IoU with the best shape template (0 when the blob failed the size or isolation test)
+    margin: float  # that IoU minus the best other shape's
 
 
 @dataclass
@@ -105,35 +138,64 @@ def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def _label_components(labels: np.ndarray) -> np.ndarray:
-    """8-connected components of equal non-negative labels; returns component ids (-1 for background)."""
+    """8-connected components of equal non-negative labels; returns component ids (-1 for background).
+
+    Each pixel holds the index of a pixel of its component (at first itself); passes take the minimum over
+    same-label neighbours, then jump pointers (`comp = comp[comp]`, valid since every id is at most its own
+    pixel's index), so a pass halves the remaining distance instead of moving it by one pixel.
+    """
     h, w = labels.shape
     fg = labels >= 0
-    big = h * w + 1
+    big = h * w
     comp = np.where(fg, np.arange(h * w, dtype=np.int64).reshape(h, w), big)
     padded_lab = np.pad(labels, 1, constant_values=-1)
     shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    same = [padded_lab[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] == labels for dy, dx in shifts]
-    # Min-label propagation to a fixed point: a few dozen vectorised passes for 64x64 blobs.
+    same = [(padded_lab[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] == labels) & fg for dy, dx in shifts]
+    padded = np.full((h + 2, w + 2), big, dtype=np.int64)
     while True:
-        padded = np.pad(comp, 1, constant_values=big)
+        padded[1:-1, 1:-1] = comp
         new = comp
         for (dy, dx), ok in zip(shifts, same, strict=True):
             nb = padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-            new = np.where(ok & fg, np.minimum(new, nb), new)
+            new = np.where(ok, np.minimum(new, nb), new)
+        flat = np.append(new.ravel(), big)  # index `big` (background) maps to itself
+        for _ in range(4):
+            flat = flat[flat]
+        new = flat[:-1].reshape(h, w)
         if np.array_equal(new, comp):
             break
         comp = new
     return np.where(fg, comp, -1)
 
 
+@lru_cache(maxsize=512)
+def _band(n: int, r: int) -> np.ndarray:
+    """(n, n) matrix of ones where |i - j| <= r: `band @ x` sums each column over a window of 2r+1 rows."""
+    i = np.arange(n)
+    return (np.abs(i[:, None] - i[None, :]) <= r).astype(np.float32)
+
+
+@lru_cache(maxsize=512)
+def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix that blurs the columns of an (n, ...) array with a Gaussian, zero outside the array."""
+    i = np.arange(n)
+    kernel = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+    taps = np.exp(-0.5 * (np.arange(-n + 1, n) / sigma) ** 2)
+    return (kernel / taps.sum()).astype(np.float32)  # unit mass away from the edges
+
+
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Dilation by a (2r+1)-square. The square is separable, so it is two band-matrix products: on these small
+    windows that is far faster than shifting and OR-ing (2r+1)^2 copies."""
     h, w = mask.shape
-    padded = np.pad(mask, r)
-    out = np.zeros_like(mask)
-    for dy in range(2 * r + 1):
-        for dx in range(2 * r + 1):
-            out |= padded[dy : dy + h, dx : dx + w]
-    return out
+    return (_band(h, r) @ mask.astype(np.float32) @ _band(w, r)) > 0.5
+
+
+def _gaussian_blur(arr: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of the last two axes (zero outside; callers leave a margin of 3 sigma), as two matrix
+    products."""
+    h, w = arr.shape[-2:]
+    return _gauss_matrix(h, sigma) @ arr @ _gauss_matrix(w, sigma)
 
 
 def _shape_side(shape: str, area: float) -> float:
@@ -142,38 +204,85 @@ def _shape_side(shape: str, area: float) -> float:
     return float(np.sqrt(area / factor))
 
 
-def _soft_template(shape: str, side: float, center: tuple[float, float], w: int, h: int) -> np.ndarray:
-    scale = 4
-    cx, cy = center
-    # Templates are placed by centroid; a triangle's centroid sits 2/3 of the way down from its apex.
-    y0 = cy - (2 * side / 3 if shape == "triangle" else side / 2)
-    x0 = cx - side / 2
-    canvas = Image.new("L", (w * scale, h * scale), 0)
-    box = (x0 * scale, y0 * scale, (x0 + side) * scale, (y0 + side) * scale)
-    draw_shape(ImageDraw.Draw(canvas), shape, box, 255)
-    return np.asarray(canvas.resize((w, h), Image.Resampling.BOX), dtype=np.float32) / 255.0
+def _templates(mass: float, center: tuple[float, float], w: int, h: int) -> np.ndarray:
+    """Coverage (0..1) of every shape with area `mass` centred (by centroid) on `center` in a w x h window, at
+    every sigma of `TEMPLATE_BLURS`: (len(SHAPES), len(TEMPLATE_BLURS), h, w)."""
+    scale = 4  # supersampling like the renderer
+    m = int(np.ceil(3 * max(TEMPLATE_BLURS)))  # a margin so the blur does not lose mass at the window edges
+    big = (w + 2 * m, h + 2 * m)
+    sharp = []
+    for shape in SHAPES:
+        side = _shape_side(shape, mass)
+        # A triangle's centroid sits 2/3 of the way down from its apex.
+        y0 = center[1] - (2 * side / 3 if shape == "triangle" else side / 2) + m
+        x0 = center[0] - side / 2 + m
+        canvas = Image.new("L", (big[0] * scale, big[1] * scale), 0)
+        box = (x0 * scale, y0 * scale, (x0 + side) * scale, (y0 + side) * scale)
+        draw_shape(ImageDraw.Draw(canvas), shape, box, 255)
+        sharp.append(np.asarray(canvas.resize(big, Image.Resampling.BOX), dtype=np.float32) / 255.0)
+    stack = np.stack(sharp)  # (S, H + 2m, W + 2m)
+    blurred = [stack if sigma <= 0 else _gaussian_blur(stack, sigma) for sigma in TEMPLATE_BLURS]
+    return np.stack(blurred, axis=1)[:, :, m : m + h, m : m + w]  # (S, B, h, w)
 
 
-def classify_shape(soft: np.ndarray) -> tuple[str, float]:
-    """Best shape for a blob given as soft coverage (0..1) in a window around it, with its soft IoU.
+def shape_ious(soft: np.ndarray, support: np.ndarray | None = None) -> dict[str, float]:
+    """Soft IoU of a blob's coverage (0..1 in a window around it) with each shape's template, best over blurs.
 
     Each template has the blob's mass (sum of coverage) and is centred on the blob's centroid: both survive
     blur and antialiasing, unlike a bounding box (blur eats a diamond's tips and makes its box look round).
+    Trying the template blurred as well as sharp means a blurry reconstruction is compared with a blurry shape,
+    not penalised for its soft edges; a blob's irregular outline still fits no blur. `support` (bool, same
+    shape) limits the comparison to where the blob's coverage was collected.
     """
     h, w = soft.shape
     mass = float(soft.sum())
     if mass <= 0:
-        return "unknown", 0.0
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
-    center = (float((xs * soft).sum() / mass), float((ys * soft).sum() / mass))
-    best, best_iou = "unknown", 0.0
-    for shape in SHAPES:
-        tpl = _soft_template(shape, _shape_side(shape, mass), center, w, h)
-        union = float(np.maximum(soft, tpl).sum())
-        iou = float(np.minimum(soft, tpl).sum()) / union if union else 0.0
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return (best if best_iou >= MIN_IOU else "unknown"), best_iou
+        return dict.fromkeys(SHAPES, 0.0)
+    tpl = _templates(mass, _centroid(soft), w, h)  # (S, B, h, w)
+    if support is not None:
+        tpl = np.where(support, tpl, 0.0)
+    inter = np.minimum(soft, tpl).sum(axis=(2, 3))
+    union = np.maximum(soft, tpl).sum(axis=(2, 3))
+    ious = (inter / np.maximum(union, 1e-9)).max(axis=1)  # (S,)
+    return {shape: float(v) for shape, v in zip(SHAPES, ious, strict=True)}
+
+
+def classify_shape(soft: np.ndarray, support: np.ndarray | None = None) -> tuple[str, float, float]:
+    """`(shape, iou, margin)` of a blob's soft coverage: the best-fitting shape, its IoU and its lead over the
+    runner-up; the shape is "unknown" unless the IoU reaches `MIN_IOU` and the lead `MIN_MARGIN`."""
+    ious = shape_ious(soft, support)
+    ranked = sorted(ious.items(), key=lambda kv: -kv[1])
+    (best, iou), (_, second) = ranked[0], ranked[1]
+    margin = iou - second
+    return (best if iou >= MIN_IOU and margin >= MIN_MARGIN else "unknown"), iou, margin
+
+
+def _centroid(soft: np.ndarray) -> tuple[float, float]:
+    """Coverage-weighted centre (x, y) of a window, in pixel units (pixel centres at +0.5)."""
+    mass = float(soft.sum())
+    h, w = soft.shape
+    cx = float(soft.sum(axis=0) @ (np.arange(w) + 0.5)) / mass
+    cy = float(soft.sum(axis=1) @ (np.arange(h) + 0.5)) / mass
+    return cx, cy
+
+
+def _size_ok(mass: float, width: int) -> bool:
+    """Whether a blob of this mass can be an object: some shape's implied side is within `SIDE_RANGE_FRAC`.
+
+    The implied sides run from sqrt(mass) (square) to sqrt(2 mass) (triangle, diamond), the circle's between,
+    and the range is wider than that factor, so "some shape fits" is "the two intervals overlap".
+    """
+    lo, hi = (f * width for f in SIDE_RANGE_FRAC)
+    return np.sqrt(mass) <= hi and np.sqrt(2 * mass) >= lo
+
+
+def _ring_clear(mask: np.ndarray, dist: np.ndarray) -> float:
+    """Fraction of the ring `RING` px outside `mask` (bool window) where `dist` (RGB distance from the
+    background, same window) is under `CLEAR_LEVEL`; 1.0 when the ring is empty (blob fills the window)."""
+    inner, outer = RING
+    ring = _dilate(mask, outer) & ~_dilate(mask, inner - 1)
+    vals = dist[ring]
+    return float((vals < CLEAR_LEVEL).mean()) if vals.size else 1.0
 
 
 def detect_objects(image: Image.Image | np.ndarray) -> list[Detection]:
@@ -190,25 +299,45 @@ def detect_objects(image: Image.Image | np.ndarray) -> list[Detection]:
     labels = np.where((alpha >= MIN_ALPHA) & (cos >= MIN_COS), k, -1)
     comp = _label_components(labels)
     min_area = max(3, round(MIN_AREA_FRAC * h * w))
-    pad = 2  # soft edges of a blob reach about this far past its half-coverage outline
+    pad = RING[1]  # soft edges of a blurred blob reach about this far past its half-coverage outline
     out: list[Detection] = []
-    ids, counts = np.unique(comp[comp >= 0], return_counts=True)
-    for cid, area in zip(ids.tolist(), counts.tolist(), strict=True):
-        if area < min_area:
-            continue
-        ys, xs = np.nonzero(comp == cid)
-        x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-        colour_idx = int(labels[ys[0], xs[0]])
+    # Boxes of all components at once (noise has hundreds): a component's id is its first pixel's index.
+    flat = np.flatnonzero(comp >= 0)
+    ids, inverse, counts = np.unique(comp.ravel()[flat], return_inverse=True, return_counts=True)
+    fy, fx = np.divmod(flat, w)
+    bx0, by0 = np.full(len(ids), w), np.full(len(ids), h)
+    bx1, by1 = np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64)
+    np.minimum.at(bx0, inverse, fx)
+    np.minimum.at(by0, inverse, fy)
+    np.maximum.at(bx1, inverse, fx + 1)
+    np.maximum.at(by1, inverse, fy + 1)
+    for j in np.flatnonzero(counts >= min_area).tolist():
+        cid, area = int(ids[j]), int(counts[j])
+        x0, y0, x1, y1 = int(bx0[j]), int(by0[j]), int(bx1[j]), int(by1[j])
+        colour_idx = int(labels.flat[cid])
         wx0, wy0, wx1, wy1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
         region = comp[wy0:wy1, wx0:wx1]
-        near = _dilate(region == cid, pad) & ((region == cid) | (region < 0))
+        mask = region == cid
+        near = _dilate(mask, pad) & (mask | (region < 0))
         soft = np.where(near & (k[wy0:wy1, wx0:wx1] == colour_idx), alpha[wy0:wy1, wx0:wx1], 0.0)
-        shape, iou = classify_shape(soft)
         mass = float(soft.sum())
-        gy, gx = np.mgrid[wy0:wy1, wx0:wx1]
-        center = (float(((gx + 0.5) * soft).sum() / mass), float(((gy + 0.5) * soft).sum() / mass))
+        # The cheap tests first: most noise blobs fail on size or isolation before any template is drawn.
+        if _size_ok(mass, w) and _ring_clear(mask, norm[wy0:wy1, wx0:wx1]) >= MIN_CLEAR_RING:
+            shape, iou, margin = classify_shape(soft, near)
+        else:
+            shape, iou, margin = "unknown", 0.0, 0.0
+        cx, cy = _centroid(soft)
+        center = (wx0 + cx, wy0 + cy)
         out.append(
-            Detection(_COLOUR_NAMES[colour_idx], shape, int(area), (x0, y0, x1, y1), center, round(iou, 4))
+            Detection(
+                _COLOUR_NAMES[colour_idx],
+                shape,
+                area,
+                (x0, y0, x1, y1),
+                center,
+                round(iou, 4),
+                round(margin, 4),
+            )
         )
     out.sort(key=lambda det: -det.area)
     return out
@@ -357,20 +486,109 @@ def blank_like(image: Image.Image | np.ndarray) -> Image.Image:
     return Image.new("RGB", (w, h), BACKGROUND)
 
 
+NOISE_KINDS: tuple[str, ...] = ("pixel", "smooth")
+_PALETTE = np.stack([np.asarray(COLOURS[c], dtype=np.float32) / 255.0 for c in _COLOUR_NAMES])  # (K, 3)
+
+
+def noise_like(image: Image.Image | np.ndarray, rng: np.random.Generator, kind: str = "pixel") -> Image.Image:
+    """A noise image of the same size (a control: colour everywhere, no discrete shape anywhere).
+
+    `pixel`: a random palette colour at a random intensity per pixel, or per 2x2 or 4x4 cell (cells make
+    same-coloured runs big enough to pass the area test). `smooth`: random RGB on a coarse grid (cells of 4, 8
+    or 16 px, darker or brighter on average) upsampled bicubically: the low-frequency colour fields that an
+    untrained generator decodes to, with blob-sized regions of palette colours.
+    """
+    h, w, _ = _as_array(image).shape
+    if kind == "pixel":
+        cell = int(rng.choice([1, 2, 4]))
+        ch, cw = -(-h // cell), -(-w // cell)
+        cells = _BG + rng.random((ch, cw, 1)) * (_PALETTE[rng.integers(0, len(_PALETTE), (ch, cw))] - _BG)
+        arr = np.repeat(np.repeat(cells, cell, axis=0), cell, axis=1)[:h, :w]
+        return Image.fromarray(np.round(arr * 255).astype(np.uint8))
+    if kind == "smooth":
+        cell = int(rng.choice([4, 8, 16]))
+        coarse = rng.normal(rng.uniform(0.0, 0.5), 0.5, (max(2, h // cell), max(2, w // cell), 3))
+        small = Image.fromarray(np.round(np.clip(coarse, 0, 1) * 255).astype(np.uint8))
+        return small.resize((w, h), Image.Resampling.BICUBIC)
+    raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}")
+
+
+def blobs_like(
+    image: Image.Image | np.ndarray, spec: dict[str, Any], rng: np.random.Generator, extra: int = 3
+) -> Image.Image:
+    """Soft, irregular blobs in the spec's colours (a control: right colours and counts, no discrete shape).
+
+    One blob per object instance of the spec plus up to `extra` more, each the union of 1-3 anisotropic Gaussian
+    lobes (random widths, orientations, offsets, peak intensities 0.6-1.3 clipped to full colour) spread over a
+    box of an object's size (`scenes.SIZES`): what a generator that has learnt "a red thing of about this size"
+    but no shape draws. The first blobs take the spec's colours, the extras random palette colours.
+    """
+    h, w, _ = _as_array(image).shape
+    colours = [_COLOUR_NAMES.index(g["colour"]) for g in spec["objects"] for _ in range(int(g["count"]))]
+    colours += rng.integers(0, len(_PALETTE), int(rng.integers(0, extra + 1))).tolist()
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    arr = np.broadcast_to(_BG, (h, w, 3)).copy()
+    for colour in colours:
+        side = float(rng.choice(list(SIZES.values()))) * w / 64
+        cx, cy = rng.uniform(side / 2, w - side / 2), rng.uniform(side / 2, h - side / 2)
+        cover = np.zeros((h, w), np.float32)
+        for _ in range(int(rng.integers(1, 4))):
+            sx, sy = rng.uniform(0.15, 0.35, 2) * side
+            theta = rng.uniform(0, np.pi)
+            ox, oy = rng.uniform(-0.25, 0.25, 2) * side
+            dx, dy = xs - cx - ox, ys - cy - oy
+            u, v = dx * np.cos(theta) + dy * np.sin(theta), -dx * np.sin(theta) + dy * np.cos(theta)
+            lobe = rng.uniform(0.6, 1.3) * np.exp(-0.5 * ((u / sx) ** 2 + (v / sy) ** 2))
+            cover = np.maximum(cover, lobe)
+        blob = _BG + np.clip(cover, 0, 1)[..., None] * (_PALETTE[colour] - _BG)
+        arr = np.maximum(arr, blob)  # overlapping blobs mix channel-wise, like paint on black
+    return Image.fromarray(np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8))
+
+
+CONTROLS: tuple[str, ...] = ("shuffled_prompts", "recoloured", "blank", "noise", "blobs")
+
+
+def _control_rng(seed: int, control: str, index: int) -> np.random.Generator:
+    # One generator per (control, item): item i's control image does not depend on how many items there are.
+    return np.random.default_rng([seed, int.from_bytes(control.encode(), "little"), index])
+
+
 def control_reports(
-    items: list[tuple[Image.Image | np.ndarray, dict[str, Any], str | None]], seed: int = 0
+    items: list[tuple[Image.Image | np.ndarray, dict[str, Any], str | None]],
+    seed: int = 0,
+    names: Iterable[str] | None = None,
 ) -> dict[str, EvalReport]:
-    """Scores of deliberately wrong pairs built from real `(image, spec, prompt)` items: each image with another
-    image's prompt (`shuffled_prompts`), recoloured images (`recoloured`) and blank images (`blank`)."""
+    """Scores of deliberately wrong pairs built from real `(image, spec, prompt)` items, each against the real
+    prompts: each image with another image's prompt (`shuffled_prompts`), recoloured images (`recoloured`),
+    blank images (`blank`), noise images (`noise`: `pixel` and `smooth` noise on alternate items, see
+    `noise_like`) and soft blobs in the prompt's colours (`blobs`, see `blobs_like`). `names` picks some of
+    `CONTROLS` (default: all; noise and blobs cost the most, a few ms an image).
+
+    A generator's scores mean something only where these sit near 0 (shuffled prompts: near chance).
+    """
+    names = list(CONTROLS if names is None else names)
+    unknown = sorted(set(names) - set(CONTROLS))
+    if unknown:
+        raise ValueError(f"unknown controls {unknown}; controls are {list(CONTROLS)}")
     n = len(items)
     k = 1 + (seed % (n - 1)) if n > 1 else 0  # a rotation by k >= 1 moves every prompt to another image
-    return {
-        "shuffled_prompts": score_images(
+    kinds = NOISE_KINDS
+    make: dict[str, Callable[[], Iterable[ScoredItem]]] = {
+        "shuffled_prompts": lambda: (
             (items[i][0], items[(i + k) % n][1], items[(i + k) % n][2]) for i in range(n)
         ),
-        "recoloured": score_images((recolour(img), spec, prompt) for img, spec, prompt in items),
-        "blank": score_images((blank_like(img), spec, prompt) for img, spec, prompt in items),
+        "recoloured": lambda: ((recolour(img), spec, prompt) for img, spec, prompt in items),
+        "blank": lambda: ((blank_like(img), spec, prompt) for img, spec, prompt in items),
+        "noise": lambda: (
+            (noise_like(img, _control_rng(seed, "noise", i), kinds[i % len(kinds)]), spec, prompt)
+            for i, (img, spec, prompt) in enumerate(items)
+        ),
+        "blobs": lambda: (
+            (blobs_like(img, spec, _control_rng(seed, "blobs", i)), spec, prompt)
+            for i, (img, spec, prompt) in enumerate(items)
+        ),
     }
+    return {name: score_images(make[name]()) for name in names}
 
 
 def format_report(report: EvalReport, title: str = "") -> str:
