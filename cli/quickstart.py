@@ -31,7 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps (default: configs/starter/train.yaml)"
     )
-    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts to generate and score")
+    parser.add_argument("--prompts", type=int, default=100, help="held-out prompts to generate and score")
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight (the server batches them)"
+    )
     parser.add_argument("--sample-steps", type=int, default=20, help="sampler steps per image")
     parser.add_argument("--port", type=int, default=0, help="serving port (0 = a free one)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
@@ -115,12 +118,20 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         prompts = heldout_prompts(assets, args.prompts)
         _log(f"5/6 generating {len(prompts)} held-out prompts through {url}/v1/images/generations")
+        from concurrent.futures import ThreadPoolExecutor
+
         from PIL import Image
 
-        items = []
-        for i, (prompt, spec) in enumerate(prompts):
-            png = generate(url, prompt, n=1, size="64x64", seed=i, num_inference_steps=args.sample_steps)[0]
-            items.append((Image.open(io.BytesIO(png)).convert("RGB"), prompt, spec))
+        def one(i: int) -> Any:
+            png = generate(
+                url, prompts[i][0], n=1, size="64x64", seed=i, num_inference_steps=args.sample_steps
+            )
+            return Image.open(io.BytesIO(png[0])).convert("RGB")
+
+        # Concurrent requests, so the server's batching fills its batches; results stay in prompt order.
+        with ThreadPoolExecutor(max(1, args.concurrency)) as pool:
+            images = list(pool.map(one, range(len(prompts))))
+        items = [(im, prompt, spec) for im, (prompt, spec) in zip(images, prompts, strict=True)]
         folder = write_image_folder(out / "generated", items)
         stage("generate", t0)
 
@@ -128,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
         _log("6/6 scoring with the compositional evaluator")
         report = score_folder(folder)
         grid_path = out / "grid.png"
-        make_grid([im for im, _, _ in items], cols=8).save(grid_path)
+        # Tiles at 2x (nearest) so each prompt fits under its image in a readable font.
+        tiles = [im.resize((im.width * 2, im.height * 2), Image.Resampling.NEAREST) for im, _, _ in items]
+        make_grid(tiles, cols=10, labels=[p for _, p, _ in items]).save(grid_path)
         (out / "prompts.txt").write_text("\n".join(p for _, p, _ in items) + "\n")
         stage("evaluate", t0)
     finally:

@@ -51,7 +51,7 @@ _STAGE_PATHS: dict[str, list[str]] = {
     "evaluator": [],
 }
 # Bumped when a stage's code changes what it writes, so old outputs are rebuilt rather than reused.
-_STAGE_VERSIONS = {"data": 2, "tokenizer": 1, "lm_llama": 1, "lm_qwen2": 1, "vae": 3, "evaluator": 1}
+_STAGE_VERSIONS = {"data": 2, "tokenizer": 1, "lm_llama": 1, "lm_qwen2": 1, "vae": 3, "evaluator": 2}
 _EVAL_LIMIT = 300  # images per split scored by the build's evaluator check
 
 

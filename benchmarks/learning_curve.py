@@ -1,0 +1,296 @@
+"""Learning curve of a training recipe: does the model follow the prompt, and how fast?
+
+    python benchmarks/learning_curve.py                                   # the starter recipe
+    python benchmarks/learning_curve.py --recipe long                     # configs/starter/train_long.yaml
+    python benchmarks/learning_curve.py --config my.yaml --budgets 500,1000 --set optim.lr=2e-3
+
+Trains one run of the recipe (its YAML: steps, batch, model, optim) in a bare single-process loop of the real
+train step (`training.step.train_step`) on the real loader (`training.data.bucketed_batches`) over the
+starter cache, and at each step budget scores the EMA weights:
+
+- held-out prompts (colour-shape-relation combinations never seen in training) and training prompts, each
+  generated with `LiDiTPipeline` and scored per category by the compositional evaluator;
+- the loss on a fixed batch of training rows with the true text, with the text of other rows (shuffled) and
+  with no text, at fixed noise: the gap between them is how much the model uses the text.
+
+Budgets are points along one run (the cosine schedule spans the recipe's `steps`), so the last row is exactly
+the recipe; earlier rows are that run's EMA weights at that step. Rows merge into
+`benchmarks/results/learning_curve.{md,json}` by recipe, so reruns of one recipe keep the others. Ray-free
+(torch + lidit + the training step), so the same command runs on a GPU box (`--device cuda`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lidit.cache.reader import CacheReader, batch_to_training_inputs
+from lidit.config import lidit_home, load_config
+from lidit.encoder import EncoderConfig, PromptEncoder
+from lidit.experiment import EvalSection, evaluate_pipeline, report_metrics
+from lidit.generator import LiDiTGenerator, TextFeatures
+from lidit.objectives import training_targets
+from lidit.pipeline import LiDiTPipeline
+from lidit.starter import heldout_prompts, iter_split
+from training.config import TrainConfig
+from training.data import bucketed_batches, head_rows
+from training.loop import build_generator_config, select_branches
+from training.state import EMA
+from training.step import build_optimizer, step_generator, train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+RECIPES = {"default": ROOT / "configs/starter/train.yaml", "long": ROOT / "configs/starter/train_long.yaml"}
+CATEGORIES = ("overall", "colour", "shape", "binding", "count", "position")
+
+
+def _shuffled(texts: list[TextFeatures]) -> list[TextFeatures]:
+    """Every row gets the next row's text (a rotation moves every prompt to another image)."""
+    return [TextFeatures(t.states.roll(1, 0), t.mask.roll(1, 0), t.prefix_len) for t in texts]
+
+
+@torch.no_grad()
+def text_losses(
+    model: LiDiTGenerator, cfg: TrainConfig, latents: torch.Tensor, texts: list[TextFeatures]
+) -> dict:
+    """Loss on one fixed batch at fixed noise with the true, shuffled and no text."""
+    g = torch.Generator().manual_seed(1234)
+    t = training_targets(cfg.model.objective, latents, g, cfg.model.flow_shift, cfg.model.timestep_sampling)
+    none = [x.drop_prompt(torch.ones(latents.shape[0], dtype=torch.bool)) for x in texts]
+    out = {}
+    for name, tx in (("true", texts), ("shuffled", _shuffled(texts)), ("none", none)):
+        out[f"loss_{name}"] = round(float(F.mse_loss(model(t.noisy, t.timesteps, tx), t.target)), 5)
+    return out
+
+
+def reference_rows(starter: Path, vae_path: str, n: int) -> dict[str, dict[str, float | None]]:
+    """What the evaluator gives real held-out images (the ceiling), their VAE round trips (the ceiling of a
+    generator decoding through this VAE), and controls that ignore the prompt (near 0; shuffled: chance)."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from lidit.starter.evaluator import control_reports, score_images
+    from lidit.starter.vae import reconstruct
+
+    rows = list(iter_split(starter, "heldout", limit=n))
+    items = [(r["image"], r["spec"], r["caption"]) for r in rows]
+    vae = AutoencoderKL.from_pretrained(vae_path).eval()
+    recon = reconstruct(vae, np.stack([np.asarray(im) for im, _, _ in items]))
+    reports = {
+        "real images, own prompts": score_images(items),
+        "VAE reconstructions, own prompts": score_images(
+            (Image.fromarray(r), spec, p) for r, (_, spec, p) in zip(recon, items, strict=True)
+        ),
+        **{f"control: {k}": v for k, v in control_reports(items).items()},
+    }
+    out = {}
+    for name, report in reports.items():
+        m = report_metrics(report.to_dict())
+        out[name] = {k: m["overall" if k == "overall" else f"cat.{k}"] for k in CATEGORIES}
+    return out
+
+
+def train_prompts(starter: Path, n: int) -> list[tuple[str, dict[str, Any]]]:
+    return [(r["caption"], r["spec"]) for r in iter_split(starter, "train", limit=n, decode=False)]
+
+
+def run_curve(
+    cfg: TrainConfig,
+    budgets: list[int],
+    starter: Path,
+    eval_cfg: EvalSection,
+    device: str,
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+) -> list[dict[str, Any]]:
+    """Train `cfg` once, scoring at every budget; `on_row(rows)` after each budget, so a long run keeps
+    the rows it finished."""
+    reader = CacheReader(cfg.cache, version=cfg.cache_version)
+    names = cfg.model.encoders or reader.encoder_names
+    gen_config = build_generator_config(cfg, reader)
+    torch.manual_seed(cfg.seed)
+    model = LiDiTGenerator(gen_config).to(device)
+    optim = build_optimizer(model, cfg)
+    ema = EMA(model, cfg.optim.ema_decay)
+    batches = bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed)
+    fixed = head_rows(reader, 64)
+    fixed_latents, fixed_texts, _ = batch_to_training_inputs(fixed, reader)
+    fixed_texts = select_branches(fixed_texts, reader, names)
+
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(reader.vae_path).to(device)
+    encoders = [PromptEncoder(EncoderConfig.model_validate(reader.encoder_config(n)), device) for n in names]
+    heldout = heldout_prompts(starter, eval_cfg.prompts)
+    seen = train_prompts(starter, eval_cfg.prompts)
+    size = reader.manifest.image.resolution
+
+    rows, trained_s, done = [], 0.0, 0
+    for budget in sorted(budgets):
+        t0 = time.perf_counter()
+        for step in range(done, budget):
+            _, _, latents, texts = next(batches)
+            texts = select_branches(texts, reader, names)
+            train_step(
+                model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, 0, step), device
+            )
+        if device != "cpu":
+            torch.cuda.synchronize()
+        segment_s = time.perf_counter() - t0
+        trained_s += segment_s
+        samples = (budget - done) * cfg.batch_size
+        done = budget
+
+        t0 = time.perf_counter()
+        generator = LiDiTGenerator(gen_config)
+        generator.load_state_dict(ema.full_state_dict(), strict=True)
+        generator.to(device).eval()
+        pipe = LiDiTPipeline(
+            generator, vae, cfg.model.objective, encoders, device=device, flow_shift=cfg.model.flow_shift
+        )
+        row: dict[str, Any] = {
+            "steps": budget,
+            "samples": budget * cfg.batch_size,
+            "train_s": round(trained_s, 1),
+            "samples_per_s": round(samples / max(segment_s, 1e-9), 1),
+        }
+        row.update(text_losses(generator, cfg, fixed_latents.to(device), [t.to(device) for t in fixed_texts]))
+        for split, prompts in (("heldout", heldout), ("train", seen)):
+            report, _ = evaluate_pipeline(pipe, prompts, eval_cfg, size)
+            metrics = report_metrics(report.to_dict())
+            row[split] = {k: metrics["overall" if k == "overall" else f"cat.{k}"] for k in CATEGORIES}
+        row["eval_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        on_row(rows)
+    return rows
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# Learning curve",
+        "",
+        "`python benchmarks/learning_curve.py [--recipe long]`: one bare-loop run of the recipe (the real train step",
+        "and loader), EMA weights scored at each step budget. Held-out = colour-shape-relation combinations never",
+        "seen in training; train = prompts of training images. Loss columns: fixed batch of 64 training rows at",
+        "fixed noise with the true text / another row's text / no text (a gap = the model uses the text).",
+        "",
+    ]
+    for name, rec in results.items():
+        m = rec["machine"]
+        lines += [
+            f"## Recipe `{name}` ({rec['config']})",
+            "",
+            f"{rec['recipe']}  ",
+            f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}; eval: {rec['eval']['prompts']} "
+            f"prompts per split, {rec['eval']['sample_steps']} sampler steps, guidance {rec['eval']['guidance_scale']}; "
+            f"measured {rec['date']}.",
+            "",
+            "| steps | samples | train s | held-out overall | colour | shape | binding | count | position "
+            "| train-prompt overall | colour | shape | binding | count | position | loss true | shuffled | none |",
+            "|" + "---|" * 18,
+        ]
+        for r in rec["rows"]:
+            h, t = r["heldout"], r["train"]
+
+            lines.append(
+                f"| {r['steps']} | {r['samples']} | {r['train_s']:.0f} | "
+                + " | ".join(fmt(h[k]) for k in CATEGORIES)
+                + " | "
+                + " | ".join(fmt(t[k]) for k in CATEGORIES)
+                + f" | {r['loss_true']:.4f} | {r['loss_shuffled']:.4f} | {r['loss_none']:.4f} |"
+            )
+        lines.append("")
+        ref = rec.get("reference") or {}
+        if ref:
+            lines += [
+                f"Reference rows (the first {rec['eval']['prompts']} held-out images, same evaluator):",
+                "",
+                "| images | overall | colour | shape | binding | count | position |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for name, r in ref.items():
+                lines.append(f"| {name} | " + " | ".join(fmt(r[k]) for k in CATEGORIES) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--recipe", default="default", help=f"one of {sorted(RECIPES)} (or a name with --config)"
+    )
+    parser.add_argument("--config", help="training YAML (default: the recipe's)")
+    parser.add_argument("--budgets", help="comma-separated step budgets (default: quarters of `steps`)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--starter", default=str(lidit_home() / "starter"))
+    parser.add_argument("--prompts", type=int, default=100, help="prompts scored per split")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", default=str(RESULTS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = Path(args.config) if args.config else RECIPES.get(args.recipe)
+    if config is None:
+        raise SystemExit(f"unknown recipe {args.recipe!r}: pass --config or one of {sorted(RECIPES)}")
+    cfg = load_config(TrainConfig, config, args.overrides)
+    budgets = (
+        [int(b) for b in args.budgets.split(",")]
+        if args.budgets
+        else sorted({max(1, cfg.steps * k // 4) for k in (1, 2, 3, 4)})
+    )
+    if max(budgets) > cfg.steps:
+        raise SystemExit(f"budget {max(budgets)} is past the recipe's {cfg.steps} steps")
+    eval_cfg = EvalSection(prompts=args.prompts, guidance_scale=cfg.tracking.guidance_scale)
+    started = time.perf_counter()
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "learning_curve.json"
+
+    reader = CacheReader(cfg.cache, version=cfg.cache_version)
+    reference = reference_rows(Path(args.starter), reader.vae_path, args.prompts)
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        """Merge this recipe's rows so far into the results (a long run keeps what it finished)."""
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        results[args.recipe] = {
+            "config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
+            "recipe": f"{cfg.steps} steps x batch {cfg.batch_size}, {cfg.model.preset} preset, "
+            f"{cfg.model.objective} (shift {cfg.model.flow_shift}, {cfg.model.timestep_sampling} t), "
+            f"lr {cfg.optim.lr}, EMA {cfg.optim.ema_decay}"
+            + (f"; overrides {args.overrides}" if args.overrides else ""),
+            "eval": eval_cfg.model_dump(),
+            "machine": {
+                "device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores)",
+                "threads": args.threads,
+                "torch": torch.__version__,
+            },
+            "date": time.strftime("%Y-%m-%d"),
+            "wall_s": round(time.perf_counter() - started, 1),
+            "reference": reference,
+            "rows": rows,
+        }
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        (out / "learning_curve.md").write_text(markdown(results))
+
+    run_curve(cfg, budgets, Path(args.starter), eval_cfg, args.device, on_row=write)
+    print(f"wrote {path} and learning_curve.md")
+
+
+if __name__ == "__main__":
+    main()
