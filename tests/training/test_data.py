@@ -216,7 +216,9 @@ def test_index_reports_untrainable_buckets(bucket_cache: str) -> None:
         next(epoch_plans(index, 111, SEED))
 
 
-@pytest.mark.timeout(600, func_only=True)  # the old data path hung here: fail, do not wait 900 s
+# The old data path hung here (seen: still waiting after 13 min; this run takes 1-2 min). The signal method
+# cannot break Ray's blocking get, so on a hang the thread method dumps stacks and ends the session.
+@pytest.mark.timeout(600, method="thread", func_only=True)
 @pytest.mark.usefixtures("ray_local")
 def test_many_bucket_tiny_shard_two_worker_run_finishes(micro_cache: str, tmp_path: Path) -> None:
     from training.config import TrainConfig
