@@ -1,59 +1,195 @@
-"""Training throughput from the feature cache vs encoding online, and cache-loader vs step throughput.
+"""Training throughput: the platform's Ray Train run against a bare loop of the same step on the same cores.
 
-    python benchmarks/train_throughput.py [--cache URI] [--steps 15] [--batch 32] [--preset tiny]
+    LIDIT_HOME=/tmp/lidit_bench python benchmarks/train_throughput.py --cache /work/lh/cache \\
+        [--steps 150] [--batch 32] [--runs auto:2x1 fsdp:2x1 replicate:1x2] [--threads 2]
 
-Writes benchmarks/results/train_throughput.{md,json}. Single process, one thread budget for all paths, so the
-numbers compare the work per sample (the multi-worker FSDP path adds collectives on top of the same step).
+Both sides run `training.step.train_step` (the one step function) on the starter training config
+(`configs/starter/train.yaml`: `tiny` preset, every encoder of the cache), the same batch and cache:
 
-- cache:   cache rows -> batch_to_training_inputs -> generator train step (what `lidit train` does)
-- online:  source PNG bytes -> decode -> VAE encode -> both LLMs -> train step (no cache)
-- loader:  Ray Data read of the cache shards -> batch_to_training_inputs, no model (must beat the step >= 5x)
+- bare:   one process, `--threads` intra-op threads, no Ray and no data-parallel wrapper; the batches are
+          decoded from the cache before the clock starts, so this is the step alone (an upper bound).
+- in-Ray: a real `training.train.run_training` (Ray Train V2, the training loop, its data reader,
+          checkpoints at the config's interval) per `--runs` entry `STRATEGY:WORKERSxTHREADS`; samples/s is
+          what the loop logs to MLflow every `tracking.log_every` steps.
+
+Both report the median over logging windows of `log_every` steps, leaving out the first window (start-up:
+Ray Train's worker group, first-step allocations). Writes benchmarks/results/train_throughput.{md,json} with
+the machine, the box's load average before and after, and the command. The numbers only mean something on
+a quiet box: look at the recorded load.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
+import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
-from lidit.cache.reader import CacheReader, batch_to_training_inputs
-from lidit.config import lidit_home
-from lidit.encoder import EncoderConfig, PromptEncoder
-from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec
-from lidit.objectives import training_targets
-from lidit.pipeline import vae_to_latents
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from lidit.cache import contract as C  # noqa: E402
+from lidit.cache.reader import CacheReader, batch_to_training_inputs  # noqa: E402
+from lidit.config import lidit_home, load_config  # noqa: E402
+from lidit.generator import LiDiTGenerator  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.state import EMA  # noqa: E402
+from training.step import MetricWindow, build_optimizer, step_generator, train_step  # noqa: E402
 
-
-def train_step(model: LiDiTGenerator, optim: torch.optim.Optimizer, latents, texts, g) -> float:
-    targets = training_targets("epsilon", latents, g)
-    loss = F.mse_loss(model(targets.noisy, targets.timesteps, texts), targets.target)
-    loss.backward()
-    optim.step()
-    optim.zero_grad(set_to_none=True)
-    return loss.item()
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+STARTER_CONFIG = ROOT / "configs" / "starter" / "train.yaml"
 
 
-def timed(fn, n: int, warmup: int = 2) -> float:
-    """Seconds per call, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_config(args: argparse.Namespace, name: str, strategy: str, workers: int) -> TrainConfig:
+    """The starter config at the benchmark's size; no registration and no sample grid (both after the clock)."""
+    overrides = [
+        f"cache={args.cache}",
+        f"name={name}",
+        f"storage_path={args.storage}",
+        f"steps={args.steps}",
+        f"batch_size={args.batch}",
+        f"scale.workers={workers}",
+        f"scale.strategy={strategy}",
+        f"tracking.log_every={args.log_every}",
+        "tracking.experiment=lidit-bench-throughput",
+        "tracking.registered_model=null",
+        "tracking.num_samples=0",
+    ]
+    return load_config(TrainConfig, args.config, overrides)
+
+
+def steady_rate(windows: list[float]) -> float:
+    """Median samples/s over the logging windows after the first (start-up) one."""
+    if len(windows) < 2:
+        raise SystemExit("need at least 2 logging windows: raise --steps or lower --log-every")
+    return statistics.median(windows[1:])
+
+
+def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """`train_step` in a plain loop: one process, no Ray, no data-parallel wrapper, pre-decoded batches."""
+    from training.loop import build_generator_config, select_branches
+
+    torch.set_num_threads(args.threads)
+    cfg = run_config(args, "bare", "auto", 1)
+    reader = CacheReader(cfg.cache, version=cfg.cache_version)
+    names = cfg.model.encoders or reader.encoder_names
+    table = reader.to_arrow()
+    sizes = table.group_by([C.COL_LATENT_HEIGHT, C.COL_LATENT_WIDTH]).aggregate([([], "count_all")])
+    largest = max(sizes.to_pylist(), key=lambda row: row["count_all"])  # a batch holds one bucket
+    table = table.filter(
+        pc.and_(
+            pc.equal(table[C.COL_LATENT_HEIGHT], largest[C.COL_LATENT_HEIGHT]),
+            pc.equal(table[C.COL_LATENT_WIDTH], largest[C.COL_LATENT_WIDTH]),
+        )
+    )
+    n_batches = min(args.steps, table.num_rows // cfg.batch_size)
+    if n_batches < 1:
+        raise SystemExit(f"the largest bucket of {cfg.cache} has fewer than {cfg.batch_size} rows")
+    batches = []
+    for i in range(n_batches):
+        latents, texts, _ = batch_to_training_inputs(table.slice(i * cfg.batch_size, cfg.batch_size), reader)
+        batches.append((latents, select_branches(texts, reader, names)))
+
+    torch.manual_seed(cfg.seed)
+    model = LiDiTGenerator(build_generator_config(cfg, reader))
+    optim = build_optimizer(model, cfg)
+    ema = EMA(model, cfg.optim.ema_decay)
+    window, rates, losses = MetricWindow(), [], []
+    for step in range(cfg.steps):
+        latents, texts = batches[step % n_batches]
+        window.add(
+            train_step(model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, 0, step))
+        )
+        if (step + 1) % cfg.tracking.log_every == 0:
+            loss, _ = window.reduce()  # the same one read per window as the Ray loop
+            steps = window.steps
+            rates.append(steps * cfg.batch_size / window.reset())
+            losses.append(loss)
+    return {
+        "threads": args.threads,
+        "samples_per_s": round(steady_rate(rates), 1),
+        "window_samples_per_s": [round(r, 1) for r in rates],
+        "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+    }
+
+
+def ray_run(args: argparse.Namespace, spec: str) -> dict[str, Any]:
+    """One real `run_training` for `STRATEGY:WORKERSxTHREADS`, in a private Ray started for it.
+
+    A fresh Ray per run because workers inherit `LIDIT_TRAIN_THREADS` from the environment Ray started in.
+    """
+    import mlflow
+    import ray
+
+    from training.train import run_training
+
+    strategy, shape = spec.split(":")
+    workers, threads = (int(x) for x in shape.split("x"))
+    os.environ["LIDIT_TRAIN_THREADS"] = str(threads)
+    os.environ["RAY_ADDRESS"] = "local"  # never join another engineer's cluster on a shared box
+    name = f"bench-{strategy}-{workers}x{threads}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = run_config(args, name, strategy, workers)
+    try:
+        t0 = time.perf_counter()
+        summary = run_training(cfg)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "samples_per_s")
+    rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+    return {
+        "run": spec,
+        "strategy": strategy,
+        "workers": workers,
+        "threads_per_worker": threads,
+        "samples_per_s": round(steady_rate(rates), 1),
+        "window_samples_per_s": [round(r, 1) for r in rates],
+        "final_loss": summary["final_loss"],
+        "wall_s_incl_startup": round(wall, 1),
+        "mlflow_run_id": summary["mlflow_run_id"],
+    }
+
+
+def write_results(result: dict[str, Any]) -> str:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    bare = result["bare"]
+    lines = [
+        "# Training throughput: Ray Train vs a bare loop of the same step",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}  ",
+        f"Load average (1, 5, 15 min): {result['load_before']} before, {result['load_after']} after  ",
+        f"Model: `{result['preset']}` preset, {bare['params_M']}M parameters, encoders of the cache; batch "
+        f"{result['batch']}, {result['steps']} steps; samples/s = median over {result['log_every']}-step "
+        "windows after the first.",
+        "",
+        "| run | strategy | workers x threads | samples/s | vs bare | windows (samples/s) |",
+        "|---|---|---|---|---|---|",
+        f"| bare loop (`train_step`, no Ray) | none | 1 x {bare['threads']} | {bare['samples_per_s']} | 1.00 | "
+        f"{', '.join(map(str, bare['window_samples_per_s']))} |",
+    ]
+    for r in result["ray"]:
+        lines.append(
+            f"| `run_training` | {r['strategy']} | {r['workers']} x {r['threads_per_worker']} | "
+            f"{r['samples_per_s']} | {r['ratio']:.2f} | {', '.join(map(str, r['window_samples_per_s']))} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "train_throughput.md").write_text(text)
+    return text
 
 
 def main() -> None:
@@ -61,113 +197,47 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cache", default=str(lidit_home() / "cache"))
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--config", default=str(STARTER_CONFIG))
+    parser.add_argument("--storage", default=str(lidit_home() / "runs"), help="Ray Train storage of the runs")
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2, help="threads of the bare loop (the cores)")
+    parser.add_argument(
+        "--runs", nargs="*", default=["auto:2x1"], help="in-Ray runs, STRATEGY:WORKERSxTHREADS each"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only; keep the results files")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    reader = CacheReader(args.cache)
-    m = reader.manifest
-    table = reader.to_arrow()
-    bucket = table["bucket"][0].as_py()
-    first_bucket = table.filter(pc.equal(table["bucket"], bucket))
-    rows = first_bucket.slice(0, args.batch)
-    if rows.num_rows < args.batch:
-        raise SystemExit(f"need {args.batch} rows of one bucket, cache has {rows.num_rows}")
-    branches = [TextBranchSpec(name=e.name, hidden_size=e.hidden_size) for e in m.encoders]
-    model = LiDiTGenerator(
-        GeneratorConfig.from_preset(args.preset, branches, latent_channels=m.vae.latent_channels)
-    )
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-
-    # cache path: decode the batch from its stored bytes every step, as the training loop does
-    def cache_step() -> None:
-        latents, texts, _ = batch_to_training_inputs(rows, reader)
-        train_step(model, optim, latents, texts, g)
-
-    # online path: the same rows encoded from their source images and captions every step
-    from diffusers import AutoencoderKL
-    from PIL import Image
-
-    vae = AutoencoderKL.from_pretrained(m.vae.path).eval()
-    encoders = [PromptEncoder(EncoderConfig.model_validate(e.config)) for e in m.encoders]
-    ids = set(rows["id"].to_pylist())
-    if any(src.format != "parquet" for src in m.sources):
-        raise SystemExit("online comparison needs Parquet sources")
-    source = pa.concat_tables(
-        [pq.read_table(src.uri, columns=["id", "image", "caption"]) for src in m.sources]
-    )
-    source = source.filter(pc.is_in(source["id"], value_set=pa.array(sorted(ids))))
-    images, captions = source["image"].to_pylist(), source["caption"].to_pylist()
-
-    def online_step() -> None:
-        with torch.no_grad():
-            pix = torch.stack(
-                [
-                    torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float32))
-                    .permute(2, 0, 1)
-                    .div(127.5)
-                    .sub(1)
-                    for b in images
-                ]
-            )
-            latents = vae_to_latents(vae.encode(pix).latent_dist.mean, vae)
-            texts = [e.features(captions, truncate=True) for e in encoders]
-        train_step(model, optim, latents, texts, g)
-
-    # loader path: Ray Data over the shards, decoded to tensors, no model
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
-    try:
-        ds = ray.data.read_parquet(reader.shard_uris(), filesystem=reader.filesystem)
-        ds = ds.filter(lambda r: r["bucket"] == bucket).materialize()
-        n_loaded, t0 = 0, time.perf_counter()
-        for _ in range(3):
-            for batch in ds.iter_batches(batch_size=args.batch, batch_format="numpy", drop_last=True):
-                latents, _, _ = batch_to_training_inputs(batch, reader)
-                n_loaded += latents.shape[0]
-        loader_sps = n_loaded / (time.perf_counter() - t0)
-    finally:
-        ray.shutdown()
-
-    step_s = timed(cache_step, args.steps)
-    online_s = timed(online_step, args.steps)
-    cache_sps, online_sps = args.batch / step_s, args.batch / online_s
+    load_before = load_avg()
+    bare = bare_loop(args)
+    print(f"bare: {json.dumps(bare)}", flush=True)
+    runs = []
+    for spec in args.runs:
+        r = ray_run(args, spec)
+        r["ratio"] = round(r["samples_per_s"] / bare["samples_per_s"], 3)
+        print(f"ray: {json.dumps(r)}", flush=True)
+        runs.append(r)
+    cfg = run_config(args, "bare", "auto", 1)
+    home = f"LIDIT_HOME={os.environ['LIDIT_HOME']} " if "LIDIT_HOME" in os.environ else ""
+    script = os.path.relpath(Path(sys.argv[0]).resolve(), ROOT)
     result = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
-        "preset": args.preset,
+        "command": f"{home}python {' '.join([script, *sys.argv[1:]])}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Python {platform.python_version()}",
+        "load_before": load_before,
+        "load_after": load_avg(),
+        "preset": cfg.model.preset,
         "batch": args.batch,
-        "cache": reader.uri,
-        "train_from_cache_samples_per_s": round(cache_sps, 1),
-        "train_online_samples_per_s": round(online_sps, 1),
-        "cache_speedup": round(cache_sps / online_sps, 2),
-        "loader_samples_per_s": round(loader_sps, 1),
-        "loader_over_step": round(loader_sps / cache_sps, 1),
-        "goal_loader_over_step": ">= 5x",
+        "steps": args.steps,
+        "log_every": args.log_every,
+        "cache": args.cache,
+        "bare": bare,
+        "ray": runs,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2))
-    md = [
-        "# Training throughput (single process)",
-        "",
-        f"Command: `python benchmarks/train_throughput.py --steps {args.steps} --batch {args.batch} --preset {args.preset}`",
-        f"Machine: {result['machine']}",
-        "",
-        "| path | samples/s |",
-        "|---|---|",
-        f"| train step from the cache | {result['train_from_cache_samples_per_s']} |",
-        f"| train step encoding online (PNG decode + VAE + 2 LLMs) | {result['train_online_samples_per_s']} |",
-        f"| cache loader alone (Ray Data -> tensors) | {result['loader_samples_per_s']} |",
-        "",
-        f"Cache vs online: {result['cache_speedup']}x. Loader vs step: {result['loader_over_step']}x (goal >= 5x).",
-    ]
-    (RESULTS / "train_throughput.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    text = write_results(result) if not args.no_write else json.dumps(result, indent=2)
+    print(text)
 
 
 if __name__ == "__main__":
