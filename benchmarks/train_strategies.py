@@ -4,7 +4,8 @@
 
 Each candidate runs `training.step.train_step` (the one step function) with the starter config's model and
 optimizer settings in `--world` processes over gloo at `--threads` threads each (2 x 1 = the two cores the Ray
-Train run uses), on the cache's rows, and reports the median step time after `--warmup` steps:
+Train run uses), on each rank's slices of the run's first global batches (`training.data.bucketed_batches`,
+the order and padding a real run has), and reports the median step time after `--warmup` steps:
 
 - fsdp / fsdp_keep_unsharded (`reshard_after_forward=False`) / replicate / single (one process, no wrapper)
 - `+sync`: what the loop did before, an all-reduce and `.item()` of the loss after every step
@@ -38,7 +39,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lidit.cache.reader import CacheReader, batch_to_training_inputs  # noqa: E402
+from lidit.cache.reader import CacheReader  # noqa: E402
 from lidit.config import lidit_home, load_config  # noqa: E402
 from lidit.generator import LiDiTGenerator  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -74,10 +75,11 @@ class LoopEMA(EMA):
 def _worker(rank: int, world: int, candidate: str, args: argparse.Namespace, port: int, out: str) -> None:
     strategy, *flags = candidate.split("+")
     single = strategy == "single"
-    torch.set_num_threads(args.threads * world if single else args.threads)
+    torch.set_num_threads(args.threads * args.world if single else args.threads)  # single: all the cores
     if not single:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
+    from training.data import bucketed_batches
     from training.loop import build_generator_config, select_branches
 
     cfg = load_config(
@@ -86,12 +88,12 @@ def _worker(rank: int, world: int, candidate: str, args: argparse.Namespace, por
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
     per_rank = args.batch if single else args.batch // world
-    table = reader.to_arrow()
-    batches = []
-    for i in range(min(8, table.num_rows // args.batch)):  # this rank's slice of global batch i
-        rows = table.slice(i * args.batch + (0 if single else rank * per_rank), per_rank)
-        latents, texts, _ = batch_to_training_inputs(rows, reader)
+    batches, source = [], bucketed_batches(reader, per_rank, rank, world, cfg.seed)
+    for _, _, latents, texts in source:
         batches.append((latents, select_branches(texts, reader, names)))
+        if len(batches) == args.warmup + args.steps:
+            break
+    source.close()
     torch.manual_seed(cfg.seed)
     model = LiDiTGenerator(build_generator_config(cfg, reader))
     if strategy in ("fsdp", "replicate"):
@@ -109,7 +111,7 @@ def _worker(rank: int, world: int, candidate: str, args: argparse.Namespace, por
     ema = (LoopEMA if "loop_ema" in flags else EMA)(model, cfg.optim.ema_decay)
     times = []
     for step in range(args.warmup + args.steps):
-        latents, texts = batches[step % len(batches)]
+        latents, texts = batches[step]
         t0 = time.perf_counter()
         result = train_step(
             model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, rank, step)

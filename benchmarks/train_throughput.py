@@ -6,8 +6,11 @@
 Both sides run `training.step.train_step` (the one step function) on the starter training config
 (`configs/starter/train.yaml`: `tiny` preset, every encoder of the cache), the same batch and cache:
 
-- bare:   one process, `--threads` intra-op threads, no Ray and no data-parallel wrapper; the batches are
-          decoded from the cache before the clock starts, so this is the step alone (an upper bound).
+- bare:   one process, `--threads` intra-op threads, no Ray and no data-parallel wrapper, on the same global
+          batches in the same order as the run (`training.data.bucketed_batches` at world 1), decoded before
+          the clock starts: the step alone. It runs before and after the Ray runs, and the reference is the
+          mean of the two, because this box's speed drifts by 10-20% over minutes (a fixed batch, no other
+          process, no CPU steal: 116-140 samples/s in 25-step windows).
 - in-Ray: a real `training.train.run_training` (Ray Train V2, the training loop, its data reader,
           checkpoints at the config's interval) per `--runs` entry `STRATEGY:WORKERSxTHREADS`; samples/s is
           what the loop logs to MLflow every `tracking.log_every` steps.
@@ -30,13 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lidit.cache import contract as C  # noqa: E402
-from lidit.cache.reader import CacheReader, batch_to_training_inputs  # noqa: E402
+from lidit.cache.reader import CacheReader  # noqa: E402
 from lidit.config import lidit_home, load_config  # noqa: E402
 from lidit.generator import LiDiTGenerator  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -79,36 +80,26 @@ def steady_rate(windows: list[float]) -> float:
 
 def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
     """`train_step` in a plain loop: one process, no Ray, no data-parallel wrapper, pre-decoded batches."""
+    from training.data import bucketed_batches
     from training.loop import build_generator_config, select_branches
 
     torch.set_num_threads(args.threads)
     cfg = run_config(args, "bare", "auto", 1)
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
-    table = reader.to_arrow()
-    sizes = table.group_by([C.COL_LATENT_HEIGHT, C.COL_LATENT_WIDTH]).aggregate([([], "count_all")])
-    largest = max(sizes.to_pylist(), key=lambda row: row["count_all"])  # a batch holds one bucket
-    table = table.filter(
-        pc.and_(
-            pc.equal(table[C.COL_LATENT_HEIGHT], largest[C.COL_LATENT_HEIGHT]),
-            pc.equal(table[C.COL_LATENT_WIDTH], largest[C.COL_LATENT_WIDTH]),
-        )
-    )
-    n_batches = min(args.steps, table.num_rows // cfg.batch_size)
-    if n_batches < 1:
-        raise SystemExit(f"the largest bucket of {cfg.cache} has fewer than {cfg.batch_size} rows")
-    batches = []
-    for i in range(n_batches):
-        latents, texts, _ = batch_to_training_inputs(table.slice(i * cfg.batch_size, cfg.batch_size), reader)
+    batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed)
+    for _, _, latents, texts in source:
         batches.append((latents, select_branches(texts, reader, names)))
-
+        if len(batches) == cfg.steps:
+            break
+    source.close()  # stops its read-ahead threads before the clock starts
     torch.manual_seed(cfg.seed)
     model = LiDiTGenerator(build_generator_config(cfg, reader))
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     window, rates, losses = MetricWindow(), [], []
     for step in range(cfg.steps):
-        latents, texts = batches[step % n_batches]
+        latents, texts = batches[step]
         window.add(
             train_step(model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, 0, step))
         )
@@ -179,8 +170,9 @@ def write_results(result: dict[str, Any]) -> str:
         "",
         "| run | strategy | workers x threads | samples/s | vs bare | windows (samples/s) |",
         "|---|---|---|---|---|---|",
-        f"| bare loop (`train_step`, no Ray) | none | 1 x {bare['threads']} | {bare['samples_per_s']} | 1.00 | "
-        f"{', '.join(map(str, bare['window_samples_per_s']))} |",
+        f"| bare loop (`train_step`, no Ray), mean of before / after | none | 1 x {bare['threads']} | "
+        f"{bare['samples_per_s']} ({' / '.join(map(str, bare['before_after_samples_per_s']))}) | 1.00 | "
+        f"{' / '.join(', '.join(map(str, w)) for w in bare['window_samples_per_s'])} |",
     ]
     for r in result["ray"]:
         lines.append(
@@ -211,14 +203,23 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     load_before = load_avg()
-    bare = bare_loop(args)
-    print(f"bare: {json.dumps(bare)}", flush=True)
+    bare_runs = [bare_loop(args)]
+    print(f"bare: {json.dumps(bare_runs[0])}", flush=True)
     runs = []
     for spec in args.runs:
-        r = ray_run(args, spec)
+        runs.append(ray_run(args, spec))
+        print(f"ray: {json.dumps(runs[-1])}", flush=True)
+    if runs:  # bracket the Ray runs: the reference is the mean of the bare loop before and after
+        bare_runs.append(bare_loop(args))
+        print(f"bare: {json.dumps(bare_runs[1])}", flush=True)
+    bare = {
+        **bare_runs[0],
+        "samples_per_s": round(statistics.mean(b["samples_per_s"] for b in bare_runs), 1),
+        "before_after_samples_per_s": [b["samples_per_s"] for b in bare_runs],
+        "window_samples_per_s": [b["window_samples_per_s"] for b in bare_runs],
+    }
+    for r in runs:
         r["ratio"] = round(r["samples_per_s"] / bare["samples_per_s"], 3)
-        print(f"ray: {json.dumps(r)}", flush=True)
-        runs.append(r)
     cfg = run_config(args, "bare", "auto", 1)
     home = f"LIDIT_HOME={os.environ['LIDIT_HOME']} " if "LIDIT_HOME" in os.environ else ""
     script = os.path.relpath(Path(sys.argv[0]).resolve(), ROOT)

@@ -7,8 +7,8 @@ activation checkpointing and per-block `torch.compile` are applied to the blocks
 Why two: sharding pays when parameters, gradients and optimizer state do not fit comfortably per device, and
 NCCL makes its all-gathers cheap. A few-million-parameter model on CPU cores over gloo is the opposite case:
 FSDP2 all-gathers every block's weights twice a step, reduce-scatters its gradients and routes optimizer,
-clipping and EMA through DTensor dispatch, while a replica needs one gradient all-reduce
-(benchmarks/results/train_throughput.md has the measurements).
+clipping and EMA through DTensor dispatch, while a replica needs one gradient all-reduce, overlapped with
+backward (measured: benchmarks/results/train_strategies.md for the step alone, train_throughput.md for runs).
 
 `lidit/` stays single-device; everything distributed lives here.
 """

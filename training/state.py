@@ -48,8 +48,9 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """One multi-tensor lerp over the local shards.
 
-        EMA is elementwise, so shards need no communication; going through the DTensor dispatcher per
-        parameter (~100 of them) instead costs more than the arithmetic on a small model.
+        EMA is elementwise, so shards need no communication. A `lerp_` per parameter (~200 of them) went
+        through DTensor dispatch each time under FSDP2: on the 2M-parameter starter model that cost more than
+        the arithmetic (benchmarks/results/train_strategies.md, `+loop_ema`).
         """
         named = list(model.named_parameters())
         shadows = [local(self.shadow[n]) for n, _ in named]

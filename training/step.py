@@ -41,7 +41,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """AdamW over the (possibly sharded) parameters.
 
     `foreach=True` is pinned because torch only defaults to the multi-tensor kernels for CUDA tensors; on CPU
-    the default is a Python loop over ~100 small parameters, which is a visible share of a tiny model's step.
+    its default is a loop over ~200 parameters and a dozen ops each, every one through DTensor dispatch under
+    FSDP2 (benchmarks/results/train_strategies.md, `+loop_adam`).
     """
     return torch.optim.AdamW(
         model.parameters(),
