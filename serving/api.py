@@ -2,7 +2,7 @@
 
 `POST /v1/images/generations` takes `model`, `prompt`, `n`, `size` ("WxH"), `response_format` ("b64_json")
 and the extensions `negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`; it answers
-`{"created": ..., "data": [{"b64_json": ..., "seed": ...}]}` with PNG images. Errors are
+`{"created": ..., "model_version": ..., "data": [{"b64_json": ..., "seed": ...}]}` with PNG images. Errors are
 `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status. Nothing here imports Ray, so the
 client (`lidit generate`) and unit tests use it without a cluster.
 """
@@ -21,7 +21,9 @@ IMAGES_PATH = "/v1/images/generations"
 MODELS_PATH = "/v1/models"
 RELOAD_PATH = "/admin/reload"
 MAX_SEED = 2**63 - 1
-MODEL_VERSION_HEADER = "X-Model-Version"  # which registry version produced the images
+MODEL_VERSION_HEADER = (
+    "x-lidit-model-version"  # which registry version produced the images (also in the body)
+)
 
 
 class APIError(Exception):
@@ -75,6 +77,7 @@ class ImageData(BaseModel):
 
 class ImageGenerationResponse(BaseModel):
     created: int
+    model_version: str
     data: list[ImageData]
 
 

@@ -8,15 +8,15 @@
                         v
                      TextEncoder (frozen LLMs + shared prefix states; @serve.batch; LRU of prompt states)
 
-Versions and hot swap: every request is pinned at admission to the ingress's current `ModelRef` (a resolved,
-immutable registry version or local export). Encoder and Generator replicas keep a small LRU of loaded versions
-keyed by that ref and load a ref they do not hold on first use. `reload` resolves the alias again, makes both
-deployments load the new version fully (in a worker thread, while the old one keeps serving), and only then
-swaps the ingress's ref - one attribute assignment on the event loop, so it is atomic for requests. Requests
-admitted before the swap finish on the old version, which stays loaded (`keep_models >= 2`). We chose this
-over Serve deployment versions (a redeploy) because a redeploy replaces replicas (startup + warm-up per swap,
-and both deployments must flip together or a request could see new encoder features with an old generator);
-pinning one ref per request makes the pair consistent by construction.
+Versions and hot swap: the served version is cluster state (`serving.state`): every deployment's Serve
+`user_config`, which the controller pushes to every replica (restarted and autoscaled ones included) through
+`reconfigure`. Every request is pinned at admission to one immutable `ModelRef` and carries it through encoder
+and generator, so a request never mixes versions. Encoder and Generator replicas keep a small LRU of loaded
+versions keyed by that ref (and load a ref they lack on first use). A reload (`Ingress.reload`) first makes
+every encoder and generator replica load the new version beside the old one, then tells every ingress replica
+to switch at one wall-clock instant. We chose this over Serve deployment versions (a redeploy) because a
+redeploy replaces replicas (startup + warm-up per swap, and both deployments must flip together or a request
+could see new encoder features with an old generator).
 """
 
 # No `from __future__ import annotations` in the serving modules: FastAPI must see real types on the ingress
@@ -44,6 +44,7 @@ from serving.api import GenerationJob, deployment_error
 from serving.config import ServeConfig, hash_key
 from serving.ingress import Ingress
 from serving.refs import ModelRef, materialize, resolve_ref, tracking_uri_for
+from serving.state import ServedVersion, model_user_config, versions_from_user_config
 
 __all__ = ["Generator", "Ingress", "ModelStore", "TextEncoder", "app_builder", "build_app"]
 
@@ -74,11 +75,16 @@ class ModelStore(Generic[T]):
             # Running batches hold their own reference, so evicting never breaks an in-flight request.
             self._models.popitem(last=False)
 
-    def load_now(self, ref: ModelRef) -> T:
-        """Blocking load (constructors: the replica is not healthy until its first model is in)."""
-        model = self._loader(ref)
-        self.put(ref, model)
-        return model
+    async def hold(self, refs: list[ModelRef]) -> None:
+        """Load every ref in `refs` (the first is current). Only a failure to load the current one raises:
+        an older version that cannot be loaded any more must not keep a replica from serving the new one."""
+        for i, ref in enumerate(refs):
+            try:
+                await self.get(ref)
+            except Exception:
+                if i == 0:
+                    raise
+                logger.exception("could not load previous version %s", ref.label)
 
     async def get(self, ref: ModelRef) -> T:
         if ref.key in self._models:
@@ -165,7 +171,7 @@ class TextEncoder:
     keyed by encoder fingerprint, so a hot swap that only changes the generator keeps both warm.
     """
 
-    def __init__(self, cfg: ServeConfig, ref: ModelRef) -> None:
+    def __init__(self, cfg: ServeConfig) -> None:
         _apply_threads(cfg)
         self._cfg = cfg
         self._device = cfg.resources.device
@@ -178,7 +184,10 @@ class TextEncoder:
         self._encode_batch.set_max_batch_size(size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         self._worker: BatchWorker[dict] = BatchWorker(self._encode_sync, size)
-        self._store.load_now(ref)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's push of the versions to hold (see `serving.state`); the replica serves once they are in."""
+        await self._store.hold(versions_from_user_config(user_config))
 
     def _load(self, ref: ModelRef) -> _EncoderSet:
         path, tmp = materialize(ref)
@@ -313,7 +322,7 @@ class Generator:
     does not change what an image looks like (up to float rounding of padded batch-mates).
     """
 
-    def __init__(self, cfg: ServeConfig, ref: ModelRef, encoder: DeploymentHandle) -> None:
+    def __init__(self, cfg: ServeConfig, encoder: DeploymentHandle) -> None:
         _apply_threads(cfg)
         self._cfg = cfg
         self._encoder = encoder
@@ -323,7 +332,10 @@ class Generator:
         self._sample_batch.set_max_batch_size(size)
         self._sample_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         self._worker: BatchWorker[dict] = BatchWorker(self._sample_sync, size)
-        self._store.load_now(ref)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's push of the versions to hold (see `serving.state`); the replica serves once they are in."""
+        await self._store.hold(versions_from_user_config(user_config))
 
     def _load(self, ref: ModelRef) -> LiDiTPipeline:
         path, tmp = materialize(ref)
@@ -439,6 +451,10 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     tracking = tracking_uri_for(cfg.model)
     models_dir = str(Path(cfg.models_dir).resolve()) if cfg.models_dir else str(lidit_home() / "models")
     ref = resolve_ref(cfg.model, tracking, models_dir)
+    # Deploy-time state only: once deployed, the controller's copy of `user_config` is the truth (a reload
+    # changes it there), and replicas started later get that copy, not this one.
+    models_state = model_user_config(ref)
+    ingress_state = ServedVersion(cfg.model, ref).to_user_config()
     q, r = cfg.queue, cfg.resources
     # Every admitted request may sit in a batch queue at once: ongoing limits must exceed the admission bound,
     # or Serve's default of 5 would silently cap batch sizes.
@@ -447,22 +463,30 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         ray_actor_options={"num_cpus": r.encoder_num_cpus, "num_gpus": r.encoder_num_gpus},
         max_ongoing_requests=ongoing,
         max_queued_requests=q.max_queued_requests,
-    ).bind(cfg, ref)
+        user_config=models_state,
+    ).bind(cfg)
     generator = Generator.options(
         ray_actor_options={"num_cpus": r.generator_num_cpus, "num_gpus": r.generator_num_gpus},
         max_ongoing_requests=ongoing,
         max_queued_requests=q.max_queued_requests,
-    ).bind(cfg, ref, encoder)
+        user_config=models_state,
+    ).bind(cfg, encoder)
     return Ingress.options(
         ray_actor_options={"num_cpus": r.ingress_num_cpus},
         max_ongoing_requests=q.max_inflight + 32,  # room to answer 503s, health and admin beyond admission
         max_queued_requests=q.max_queued_requests,
-    ).bind(cfg, ref, encoder, generator, hash_key(key) if key else None)
+        user_config=ingress_state,
+    ).bind(cfg, encoder, generator, hash_key(key) if key else None)
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
-    """For `serve run serving.app:app_builder config=CONFIG.yaml [key.path=value ...]`."""
+    """For Serve configs and `serve run serving.app:app_builder config=CONFIG.yaml [key.path=value ...]`.
+
+    `config_json` (a whole `ServeConfig` as JSON) is what `serving.deploy` passes.
+    """
     args = dict(args)
+    if "config_json" in args:
+        return build_app(ServeConfig.model_validate_json(args.pop("config_json")))
     path = args.pop("config", None)
     cfg = load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()])
     return build_app(cfg)

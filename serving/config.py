@@ -100,6 +100,18 @@ class AuthConfig(StrictModel):
         return None
 
 
+class AdminConfig(StrictModel):
+    """The admin endpoints (`/admin/reload`): how a reload rolls out."""
+
+    switch_delay_s: float = Field(
+        2.0,
+        ge=0.0,
+        description="every ingress replica switches this long after the reload pushed the new state "
+        "(longer than Serve's rollout of a user_config to all ingress replicas, so they switch together)",
+    )
+    reload_timeout_s: float = Field(600.0, gt=0, description="loading a version on every replica")
+
+
 class ServeConfig(StrictModel):
     """The serving application: which model, where to listen, limits, batching, queues, resources, auth."""
 
@@ -121,6 +133,7 @@ class ServeConfig(StrictModel):
     queue: QueueConfig = Field(default_factory=QueueConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

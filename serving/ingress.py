@@ -1,5 +1,8 @@
 """The FastAPI ingress: auth, body limit, validation, admission control, version pinning, reload.
 
+The version it pins requests to is Serve `user_config` (`serving.state.ServedVersion`), so every ingress
+replica, a restarted one included, serves what the controller says; `reload` changes it there.
+
 Kept apart from the model deployments and free of torch imports, so its replica starts fast and stays small.
 """
 
@@ -28,7 +31,9 @@ from serving.api import (
     parse_request,
 )
 from serving.config import ServeConfig, hash_key
+from serving.deploy import set_user_configs
 from serving.refs import ModelRef, resolve_ref, tracking_uri_for
+from serving.state import ENCODER, GENERATOR, INGRESS, ServedVersion, model_user_config
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,14 +63,12 @@ class Ingress:
     def __init__(
         self,
         cfg: ServeConfig,
-        ref: ModelRef,
         encoder: DeploymentHandle,
         generator: DeploymentHandle,
         key_hash: str | None,
     ) -> None:
         self._cfg = cfg
-        self._ref = ref
-        self._model_uri = cfg.model
+        self._version: ServedVersion | None = None  # set by `reconfigure` before the first request
         self._encoder = encoder
         self._generator = generator
         self._key_hash = key_hash
@@ -80,10 +83,18 @@ class Ingress:
         )
         self._images = Counter("lidit_images_generated", "images returned")
 
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's push of the served version (at start and on every reload): one assignment, atomic here."""
+        self._version = ServedVersion.from_user_config(user_config)
+
     # -- helpers -----------------------------------------------------------------------------------------
 
-    def _served_names(self) -> set[str]:
-        return {self._name, f"{self._name}/{self._ref.label.rsplit('/', 1)[-1]}", self._ref.label}
+    def _current(self) -> ModelRef:
+        assert self._version is not None, "Serve calls reconfigure before any request"
+        return self._version.ref_at()
+
+    def _served_names(self, ref: ModelRef) -> set[str]:
+        return {self._name, f"{self._name}/{ref.label.rsplit('/', 1)[-1]}", ref.label}
 
     def _check_auth(self, request: Request) -> None:
         if self._key_hash is None:
@@ -127,7 +138,8 @@ class Ingress:
         try:
             self._check_auth(request)
             body = await self._read_body(request)
-            job = parse_request(body, self._cfg.limits, self._served_names(), secrets.randbelow(2**31))
+            ref = self._current()  # pinned at admission: a reload during this request does not mix versions
+            job = parse_request(body, self._cfg.limits, self._served_names(ref), secrets.randbelow(2**31))
             if self._inflight >= self._cfg.queue.max_inflight:
                 raise APIError(
                     503,
@@ -138,7 +150,6 @@ class Ingress:
                 )
             self._inflight += 1
             try:
-                ref = self._ref  # pinned: a reload during this request does not mix versions
                 result = await asyncio.wait_for(
                     self._generator.generate.remote(ref, job), self._cfg.limits.request_timeout_s
                 )
@@ -181,7 +192,7 @@ class Ingress:
             for png, seed in zip(result["images"], result["seeds"], strict=True)
         ]
         return JSONResponse(
-            {"created": int(time.time()), "data": data},
+            {"created": int(time.time()), "model_version": result["version"], "data": data},
             headers={MODEL_VERSION_HEADER: result["version"]},
         )
 
@@ -191,13 +202,14 @@ class Ingress:
             self._check_auth(request)
         except APIError as exc:
             return _json_error(exc)
+        assert self._version is not None
         entry = {
             "id": self._name,
             "object": "model",
             "created": self._created,
             "owned_by": "lidit",
-            "version": self._ref.label,
-            "model_uri": self._model_uri,
+            "version": self._current().label,
+            "model_uri": self._version.model_uri,
         }
         return JSONResponse({"object": "list", "data": [entry]})
 
@@ -209,7 +221,7 @@ class Ingress:
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
         """Readiness: both deployments hold the current version."""
-        ref = self._ref
+        ref = self._current()
         try:
             ok = await asyncio.wait_for(
                 asyncio.gather(self._encoder.ready.remote(ref), self._generator.ready.remote(ref)), 10
@@ -224,11 +236,12 @@ class Ingress:
 
     @api.post(RELOAD_PATH)
     async def reload(self, request: Request) -> JSONResponse:
-        """Re-resolve the model URI (or switch to `{"model": URI}`), load it everywhere, then swap."""
+        """Re-resolve the model URI (or switch to `{"model": URI}`), load it everywhere, then switch everywhere."""
         try:
             self._check_auth(request)
             body = await self._read_body(request)
-            uri = self._model_uri
+            assert self._version is not None
+            uri = self._version.model_uri
             if body.strip():
                 try:
                     data = json.loads(body)
@@ -240,34 +253,53 @@ class Ingress:
                 # Only other aliases/versions of the served registered model (rollback, canary promote);
                 # pointing a server at an arbitrary path or model is a deployment change, not a reload.
                 name = self._cfg.registered_name()
-                if uri != self._model_uri and not (
+                if uri != self._version.model_uri and not (
                     name and (uri.startswith(f"models:/{name}@") or uri.startswith(f"models:/{name}/"))
                 ):
                     raise APIError(
                         400, f"reload can only switch to models:/{name}@ALIAS or /VERSION", param="model"
                     )
             async with self._reload_lock:
-                old = self._ref
+                old = self._current()
                 try:
                     new = await asyncio.to_thread(
                         resolve_ref, uri, old.tracking_uri or tracking_uri_for(uri), old.models_dir
                     )
                 except Exception as exc:
                     raise APIError(400, f"cannot resolve {uri!r}: {exc}", param="model") from None
-                if new.key != old.key:
-                    try:
-                        # Load fully in both deployments before anyone is pointed at the new version.
-                        await asyncio.gather(self._encoder.load.remote(new), self._generator.load.remote(new))
-                    except Exception as exc:
-                        logger.exception("reload of %s failed", new.label)
-                        raise APIError(
-                            500,
-                            f"loading {new.label} failed, still serving {old.label}: {exc}",
-                            "server_error",
-                        ) from None
-                    self._ref = new  # the swap: one assignment on the event loop
-                    self._model_uri = uri
-                    logger.info("hot swap %s -> %s", old.label, new.label)
+                if new.key != old.key or uri != self._version.model_uri:
+                    await self._switch(uri, old, new)
         except APIError as exc:
             return _json_error(exc)
         return JSONResponse({"previous": old.label, "current": new.label, "changed": new.key != old.key})
+
+    async def _switch(self, uri: str, old: ModelRef, new: ModelRef) -> None:
+        """Make every replica of the app serve `new`: load everywhere first, then switch at one instant."""
+        app = serve.get_replica_context().app_name
+        timeout = self._cfg.admin.reload_timeout_s
+        try:
+            if new.key != old.key:
+                # A version that cannot load fails here, on one replica each, before any state changes.
+                await asyncio.gather(self._encoder.load.remote(new), self._generator.load.remote(new))
+                # Every encoder and generator replica (and any started later) holds both versions.
+                held = model_user_config(new, old)
+                await asyncio.to_thread(set_user_configs, app, {ENCODER: held, GENERATOR: held}, timeout)
+            switch_at = time.time() + self._cfg.admin.switch_delay_s
+            state = ServedVersion(uri, new, old, switch_at).to_user_config()
+            await asyncio.to_thread(set_user_configs, app, {INGRESS: state}, timeout)
+            late = time.time() - switch_at
+            if late > 0:  # some ingress replica may have switched after its peers: say so, do not hide it
+                logger.warning("ingress rollout finished %.1f s after the switch instant", late)
+            else:
+                await asyncio.sleep(-late)
+            if new.key != old.key:  # replicas started from now on need only the new version
+                current = model_user_config(new)
+                await asyncio.to_thread(
+                    set_user_configs, app, {ENCODER: current, GENERATOR: current}, timeout
+                )
+        except Exception as exc:  # DeployError, a replica that died mid-load, ...
+            logger.exception("reload of %s failed", new.label)
+            raise APIError(
+                500, f"loading {new.label} failed, still serving {old.label}: {exc}", "server_error"
+            ) from None
+        logger.info("switched %s -> %s on every replica", old.label, new.label)

@@ -4,8 +4,9 @@ Torch-free (MLflow is imported lazily), so the ingress replica that resolves ali
 """
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from lidit.config import lidit_home
 from lidit.registry import configure_mlflow, fetch_pipeline, resolve_version
@@ -24,6 +25,14 @@ class ModelRef:
     label: str
     tracking_uri: str | None = None
     models_dir: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (Serve `user_config` travels through the controller's declarative config)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ModelRef":
+        return cls(**data)
 
 
 def resolve_ref(model_uri: str, tracking_uri: str | None = None, models_dir: str | None = None) -> ModelRef:

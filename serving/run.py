@@ -28,7 +28,7 @@ def start(cfg: ServeConfig) -> str:
     from ray import serve
 
     from lidit.registry import configure_mlflow
-    from serving.app import build_app
+    from serving.deploy import deploy
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.model.startswith("models:/"):
@@ -36,7 +36,7 @@ def start(cfg: ServeConfig) -> str:
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    deploy([cfg])  # declarative: reload can then change the replicas' state in place (serving.deploy)
     return serve_url(cfg)
 
 

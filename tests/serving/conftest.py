@@ -76,8 +76,8 @@ def served(serving_registry: Registry, request: pytest.FixtureRequest) -> Iterat
     from ray import serve
 
     from lidit.config import load_config
-    from serving.app import build_app
     from serving.config import ServeConfig
+    from serving.deploy import deploy
 
     reg = serving_registry
     port = _free_port()
@@ -110,13 +110,9 @@ def served(serving_registry: Registry, request: pytest.FixtureRequest) -> Iterat
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        # Both apps deploy in parallel (halves fixture time on a busy 2-core box).
-        serve.run_many(
-            [
-                serve.RunTarget(build_app(main_cfg), name="main", route_prefix="/"),
-                serve.RunTarget(build_app(strict_cfg), name="strict", route_prefix="/strict"),
-            ]
-        )
+        # Both apps deploy in parallel (halves fixture time on a busy 2-core box), from a Serve config as
+        # `lidit serve` and the RayService do.
+        deploy([main_cfg, strict_cfg])
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200
         yield Served(base, f"{base}/strict", reg)

@@ -43,13 +43,14 @@ def test_request_returns_pngs_of_requested_size_and_n(served: Served) -> None:
         {"model": MODEL_NAME, "prompt": "a red circle", "n": 3, "size": "48x32", "seed": 5},
     )
     body = resp.json()
-    assert set(body) == {"created", "data"} and isinstance(body["created"], int)
+    assert set(body) == {"created", "model_version", "data"} and isinstance(body["created"], int)
+    assert body["model_version"] == resp.headers["x-lidit-model-version"]
     images = _images(resp)
     assert len(images) == 3
     assert all(im.shape == (32, 48, 3) for im in images)
     assert [d["seed"] for d in body["data"]] == [5, 6, 7]
     assert not np.array_equal(images[0], images[1])  # each image its own seed
-    assert resp.headers["x-model-version"].startswith(f"{MODEL_NAME}/")
+    assert resp.headers["x-lidit-model-version"].startswith(f"{MODEL_NAME}/")
 
 
 def test_fixed_seed_is_deterministic(served: Served) -> None:

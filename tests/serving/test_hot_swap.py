@@ -18,7 +18,7 @@ REQ = {"prompt": "a red circle", "size": "32x32", "seed": 9, "num_inference_step
 def _version_and_png(url: str) -> tuple[str, str]:
     r = httpx.post(url + IMAGES, json=REQ, timeout=120)
     assert r.status_code == 200, r.text
-    return r.headers["x-model-version"], r.json()["data"][0]["b64_json"]
+    return r.headers["x-lidit-model-version"], r.json()["data"][0]["b64_json"]
 
 
 def test_hot_swap_under_load_has_zero_failures_and_switches_version(served: Served) -> None:
@@ -34,7 +34,9 @@ def test_hot_swap_under_load_has_zero_failures_and_switches_version(served: Serv
             while not stop.is_set():
                 t0 = time.monotonic()
                 r = c.post(served.url + IMAGES, json=REQ)
-                results.append((t0, time.monotonic(), r.status_code, r.headers.get("x-model-version", "")))
+                results.append(
+                    (t0, time.monotonic(), r.status_code, r.headers.get("x-lidit-model-version", ""))
+                )
 
     threads = [threading.Thread(target=client) for _ in range(3)]
     for t in threads:
