@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from cli.common import group_help
+
 
 def _build(args: argparse.Namespace) -> int:
     from pipelines.build import run_from_args  # imported here: `lidit --help` must not import Ray
@@ -13,13 +15,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from lidit.cache.reader import CacheNotFoundError, CacheReader
-    from lidit.config import ConfigError
+    from lidit.cache.reader import CacheReader
 
-    try:
-        info = CacheReader(args.uri, version=args.version).describe()
-    except CacheNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
+    # A missing cache raises CacheNotFoundError: cli.errors prints it as one line with what to do.
+    info = CacheReader(args.uri, version=args.version).describe()
     if args.json:
         print(json.dumps(info))
         return 0
@@ -49,4 +48,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--version", type=int, default=None, help="version (default latest)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=_info)
-    cache.set_defaults(handler=lambda args: cache.print_help() or 2)
+    cache.set_defaults(handler=lambda _args: group_help(cache))

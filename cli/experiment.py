@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from cli.common import group_help
-from lidit.config import ConfigError
 
 REPORT_NAME = "ladder"
 
@@ -36,7 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="experiment_command", metavar="COMMAND")
     run_p = commands.add_parser("run", help="train + score every variant and seed, then write the report")
     run_p.add_argument("config", help="experiment YAML, e.g. configs/experiments/ablation_ladder.yaml")
-    run_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run_p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an experiment field, e.g. steps=100 or eval.prompts=32 (repeatable)",
+    )
     run_p.add_argument("--variants", default=None, help="comma-separated subset of variant names")
     run_p.add_argument(
         "--results", default=None, metavar="DIR", help="where the table/plot go (default: WORK_DIR/report)"
@@ -50,7 +56,7 @@ def _log(msg: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lidit.config import load_config
+    from lidit.config import ConfigError, load_config
     from lidit.experiment import ExperimentConfig
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
@@ -133,6 +139,8 @@ def data_key(reader: Any, variant: Any) -> dict[str, Any]:
 
 def load_result(file: Path, overrides: list[str], data: dict[str, Any]) -> dict[str, Any]:
     """A finished (variant, seed) result, only if it was trained with the same settings on the same data."""
+    from lidit.config import ConfigError
+
     result = json.loads(file.read_text())
     for key, want in (("train_overrides", overrides), ("data", data)):
         if result.get(key) != want:

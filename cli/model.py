@@ -6,21 +6,26 @@ import argparse
 import json
 
 from cli.common import group_help
-from lidit.generator import GeneratorConfig, TextBranchSpec, count_parameters
-from lidit.presets import PRESETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="inspect model presets")
     msub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
     lst = msub.add_parser("list", help="list presets with parameter counts (computed on the meta device)")
-    lst.add_argument("--llm-width", type=int, default=4096, help="hidden size of each LLM (default 4096)")
+    lst.add_argument("--llm-width", type=int, default=4096, help="hidden size of each LLM")
     lst.add_argument("--json", action="store_true", help="print one JSON object")
     lst.set_defaults(handler=list_presets)
     model.set_defaults(handler=lambda _args: group_help(model))
 
 
 def preset_rows(llm_width: int) -> list[dict]:
+    from lidit.generator import (
+        GeneratorConfig,
+        TextBranchSpec,
+        count_parameters,
+    )  # torch: not at parser build
+    from lidit.presets import PRESETS
+
     rows = []
     for name, p in PRESETS.items():
         row = {"preset": name, "depth": p.depth, "width": p.dim, "heads": p.heads, "patch": p.patch_size}

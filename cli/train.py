@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from training.train import add_arguments
+    from training.args import add_arguments  # light: no torch/Ray while building the parser
 
     parser = sub.add_parser("train", help="train refiners + LI-DiT on a feature cache (Ray Train, FSDP2)")
     add_arguments(parser)

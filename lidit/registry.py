@@ -11,11 +11,44 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from lidit.config import lidit_home, mlflow_artifact_root, mlflow_tracking_uri
 
 PIPELINE_ARTIFACT = "pipeline"
+MODELS_SCHEME = "models:/"
+
+
+@dataclass(frozen=True)
+class ModelURI:
+    """A parsed registry reference: `models:/NAME@ALIAS` (alias set) or `models:/NAME/VERSION` (version set)."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    def __str__(self) -> str:
+        return (
+            f"{MODELS_SCHEME}{self.name}@{self.alias}"
+            if self.alias
+            else f"{MODELS_SCHEME}{self.name}/{self.version}"
+        )
+
+
+def parse_model_uri(uri: str) -> ModelURI | None:
+    """`models:/NAME@ALIAS` / `models:/NAME/VERSION` -> ModelURI; None for anything else (a local path).
+
+    The one parser of registry URIs (training, serving and the CLI all go through it). Pure string work: no
+    MLflow import. Raises ValueError on a malformed `models:/` URI.
+    """
+    if not uri.startswith(MODELS_SCHEME):
+        return None
+    ref = uri[len(MODELS_SCHEME) :]
+    name, sep, tag = ref.partition("@") if "@" in ref else ref.rpartition("/")
+    if not name or not tag or "/" in name:
+        raise ValueError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return ModelURI(name, alias=tag) if sep == "@" else ModelURI(name, version=tag)
 
 
 def configure_mlflow(experiment: str | None = None) -> str:
@@ -67,24 +100,22 @@ def set_alias(name: str, alias: str, version: str) -> None:
 
 def resolve_version(model_uri: str) -> tuple[str, str] | None:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (name, version); None for a local path."""
-    if not model_uri.startswith("models:/"):
+    parsed = parse_model_uri(model_uri)
+    if parsed is None:
         return None
+    if parsed.version is not None:
+        return parsed.name, parsed.version
     import mlflow
 
     configure_mlflow()  # the LIDIT_HOME store unless MLFLOW_TRACKING_URI says otherwise
     client = mlflow.MlflowClient()
-    ref = model_uri[len("models:/") :]
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return name, str(client.get_model_version_by_alias(name, alias).version)
-    name, version = ref.rsplit("/", 1)
-    return name, version
+    return parsed.name, str(client.get_model_version_by_alias(parsed.name, parsed.alias).version)
 
 
 def fetch_pipeline(model_uri: str, dst: str | Path | None = None) -> Path:
     """A local pipeline directory for `model_uri` (registry URI, runs:/ URI or local directory)."""
     local = Path(model_uri)
-    if "://" not in model_uri and not model_uri.startswith("models:/"):
+    if "://" not in model_uri and parse_model_uri(model_uri) is None:
         if not (local / "pipeline.json").is_file():
             raise FileNotFoundError(f"{local} is not a LI-DiT pipeline directory (no pipeline.json)")
         return local

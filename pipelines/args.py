@@ -17,7 +17,12 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
         metavar="URI",
         help="replace the sources: Parquet or image folder (repeatable)",
     )
-    p.add_argument("--source-format", choices=["auto", "parquet", "images"], default="auto")
+    p.add_argument(
+        "--source-format",
+        choices=["auto", "parquet", "images"],
+        default="auto",
+        help="format of the --source URIs (auto: Parquet files/folders by suffix, else image folders)",
+    )
     p.add_argument("--output", metavar="URI", help="cache root (local path or s3://bucket/prefix)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")

@@ -16,6 +16,7 @@ from typing import Any
 
 from lidit.config import dump_config, load_config
 from lidit.registry import configure_mlflow
+from training.args import add_arguments
 from training.config import TrainConfig
 
 RUN_TAG = "lidit.run"
@@ -134,14 +135,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "storage": f"{cfg.storage_path}/{cfg.name}",
         "seconds": round(time.perf_counter() - started, 1),
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="training YAML (default: built-in defaults)")
-    parser.add_argument("--steps", type=int, help="total optimizer steps")
-    parser.add_argument("--workers", type=int, help="Ray Train workers")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
