@@ -301,12 +301,11 @@ def run_experiment(
     cfg: Any, results_dir: Path | None = None, command: list[str] | None = None
 ) -> dict[str, Any]:
     """Run (or continue) an experiment; returns the summary with the report paths."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     # Read by every training worker; workers inherit the environment of the Ray this process starts.
     os.environ["LIDIT_TRAIN_THREADS"] = str(cfg.train_threads)
     import ray
 
+    from cluster import ensure_ray
     from lidit.cache.reader import CacheReader
     from lidit.config import lidit_home
     from lidit.experiment import reference_metrics, summarize
@@ -321,12 +320,7 @@ def run_experiment(
     _log(f"{cfg.name}: {len(cfg.variants)} variants x {len(cfg.seeds)} seeds, work dir {work}")
     assets = build_starter(cfg.starter or home / "starter", preset=cfg.starter_preset, progress=True)
     configure_mlflow(cfg.name)  # before Ray starts, so training workers inherit the tracking URI
-    started = False
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, object_store_memory=150 * 2**20
-        )
-        started = True
+    started = ensure_ray()  # joins a running Ray, else starts a local one (cluster's one sizing rule)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     try:
         t0 = time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import socket
 import sys
 import time
@@ -52,11 +51,10 @@ def _free_port() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     import ray
     from ray import serve
 
+    from cluster import ensure_ray
     from lidit.config import lidit_home, load_config
     from lidit.images import make_grid
     from lidit.registry import configure_mlflow, mlflow_tracking_uri
@@ -86,14 +84,9 @@ def run(args: argparse.Namespace) -> int:
     assets = build_starter(home / "starter", preset=args.preset, progress=True)
     stage("starter", t0)
 
-    # One local Ray for every stage. More logical CPUs than cores: fractional actors + tasks never starve.
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=max(4, os.cpu_count() or 2),
-            include_dashboard=False,
-            object_store_memory=150 * 2**20,
-            log_to_driver=True,
-        )
+    # One Ray for every stage (cluster.ensure_ray: join a running one, else a local one sized for fractional
+    # actors + tasks).
+    started_ray = ensure_ray()
     url = None
     try:
         t0 = time.perf_counter()
@@ -147,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if url is not None:
             serve.shutdown()
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
 
     summary: dict[str, Any] = {
         "lidit_home": str(home),

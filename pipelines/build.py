@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from safetensors.torch import save as save_safetensors
 
+from cluster import ensure_ray
 from lidit.cache import contract as C
 from lidit.cache.reader import list_versions, load_manifest
 from lidit.cache.storage import Location, open_location
@@ -207,34 +208,6 @@ def plan_build(cfg: CacheBuildConfig, out: Location) -> Plan:
 # ---- Ray ----
 
 
-def ensure_ray(cfg: CacheBuildConfig) -> bool:
-    """Connect to a running cluster (RAY_ADDRESS or a local head), else start a small local one.
-
-    Returns True when this call started Ray (and the build should shut it down).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        ray.init(address=address)
-        return False
-    if address != "local":
-        try:
-            ray.init(address="auto", log_to_driver=False)
-            return False
-        except ConnectionError:
-            pass
-    ray.init(
-        num_cpus=cfg.ray.num_cpus,
-        include_dashboard=False,
-        object_store_memory=cfg.ray.object_store_mb * 2**20,
-        log_to_driver=False,
-    )
-    return True
-
-
 def build_dataset(cfg: CacheBuildConfig, plan: Plan):
     """The Ray Data pipeline over the plan's unit tasks (only the stages some unit needs)."""
     import ray
@@ -357,7 +330,10 @@ def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
     started_ray = False
     timing: dict[str, float] = {}
     if plan.tasks:
-        started_ray = ensure_ray(cfg)
+        # Driver prints the per-shard progress; worker output stays in Ray's logs.
+        started_ray = ensure_ray(
+            cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, log_to_driver=False
+        )
         try:
             by_name = {t["name"]: t for t in plan.tasks}
             by_unit = {t["unit"]: t for t in plan.tasks}

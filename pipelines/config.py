@@ -42,8 +42,10 @@ class RayConfig(StrictModel):
         None,
         description="None: $RAY_ADDRESS or a running local cluster, else start one; 'local': always start one",
     )
-    num_cpus: int | None = Field(None, ge=1, description="logical CPUs (None: all cores)")
-    object_store_mb: int = Field(100, ge=75)
+    num_cpus: int | None = Field(
+        None, ge=1, description="logical CPUs (None: cluster.local_ray_options' rule, max(4, cores))"
+    )
+    object_store_mb: int = Field(100, ge=75, description="object store of a local Ray this build starts")
 
 
 class CacheBuildConfig(StrictModel):

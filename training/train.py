@@ -9,37 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
 
+from cluster import ensure_ray
 from lidit.config import dump_config, load_config
 from lidit.registry import configure_mlflow
 from training.args import add_arguments
 from training.config import TrainConfig
 
 RUN_TAG = "lidit.run"
-
-
-def ensure_ray() -> None:
-    """Join an existing cluster when one is reachable, else start a small local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        ray.init(address=address)
-        return
-    if address != "local":  # RAY_ADDRESS=local forces a private local instance
-        try:
-            ray.init(address="auto")
-            return
-        except (ConnectionError, RuntimeError):
-            pass
-    ray.init(include_dashboard=False, object_store_memory=200 * 2**20)
 
 
 def mlflow_run(cfg: TrainConfig) -> str:
