@@ -455,24 +455,24 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     # changes it there), and replicas started later get that copy, not this one.
     models_state = model_user_config(ref)
     ingress_state = ServedVersion(cfg.model, ref).to_user_config()
-    q, r = cfg.queue, cfg.resources
+    q, d = cfg.queue, cfg.deployments
     # Every admitted request may sit in a batch queue at once: ongoing limits must exceed the admission bound,
     # or Serve's default of 5 would silently cap batch sizes.
     ongoing = q.max_inflight + 8
     encoder = TextEncoder.options(
-        ray_actor_options={"num_cpus": r.encoder_num_cpus, "num_gpus": r.encoder_num_gpus},
+        **d.encoder.serve_options(),
         max_ongoing_requests=ongoing,
         max_queued_requests=q.max_queued_requests,
         user_config=models_state,
     ).bind(cfg)
     generator = Generator.options(
-        ray_actor_options={"num_cpus": r.generator_num_cpus, "num_gpus": r.generator_num_gpus},
+        **d.generator.serve_options(),
         max_ongoing_requests=ongoing,
         max_queued_requests=q.max_queued_requests,
         user_config=models_state,
     ).bind(cfg, encoder)
     return Ingress.options(
-        ray_actor_options={"num_cpus": r.ingress_num_cpus},
+        **d.ingress.serve_options(),
         max_ongoing_requests=q.max_inflight + 32,  # room to answer 503s, health and admin beyond admission
         max_queued_requests=q.max_queued_requests,
         user_config=ingress_state,

@@ -64,15 +64,56 @@ class QueueConfig(StrictModel):
 
 
 class ResourcesConfig(StrictModel):
-    """Logical CPUs per replica (fractional, so the app fits a 2-core box) and torch threads."""
+    """Torch threads and device of the model replicas (per-deployment CPUs/GPUs: `deployments`)."""
 
-    encoder_num_cpus: float = Field(0.5, gt=0)
-    generator_num_cpus: float = Field(1.0, gt=0)
-    ingress_num_cpus: float = Field(0.1, gt=0)
-    encoder_num_gpus: float = Field(0.0, ge=0)
-    generator_num_gpus: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="None = Ray's default for the replica")
     device: str = "cpu"
+
+
+class AutoscalingConfig(StrictModel):
+    """Serve autoscaling of one deployment: replicas between min and max, sized to the ongoing requests."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="per replica; batching wants it high")
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("need min_replicas <= max_replicas")
+        return self
+
+
+class DeploymentScaleConfig(StrictModel):
+    """Replicas and resources of one deployment: a fixed `num_replicas` or `autoscaling`, not both."""
+
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count (default 1)")
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(0.5, gt=0, description="logical CPUs per replica (fractional fits a 2-core box)")
+    num_gpus: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentScaleConfig:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        return self
+
+    def serve_options(self) -> dict:
+        """The `Deployment.options(...)` keywords for replicas and resources."""
+        opts: dict = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+
+class DeploymentsConfig(StrictModel):
+    """The three deployments scale apart: `--set deployments.generator.num_replicas=2`."""
+
+    ingress: DeploymentScaleConfig = Field(default_factory=lambda: DeploymentScaleConfig(num_cpus=0.1))
+    encoder: DeploymentScaleConfig = Field(default_factory=lambda: DeploymentScaleConfig(num_cpus=0.5))
+    generator: DeploymentScaleConfig = Field(default_factory=lambda: DeploymentScaleConfig(num_cpus=1.0))
 
 
 class AuthConfig(StrictModel):
@@ -132,6 +173,7 @@ class ServeConfig(StrictModel):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
 

@@ -231,7 +231,9 @@ class Ingress:
                 {"status": "not_ready", "version": ref.label, "reason": type(exc).__name__}, status_code=503
             )
         status = 200 if all(ok) else 503
-        body = {"status": "ready" if all(ok) else "loading", "version": ref.label}
+        # Which ingress replica answered: lets an operator (and the scale test) see each replica's version.
+        replica = serve.get_replica_context().replica_id.unique_id
+        body = {"status": "ready" if all(ok) else "loading", "version": ref.label, "replica": replica}
         return JSONResponse(body, status_code=status)
 
     @api.post(RELOAD_PATH)

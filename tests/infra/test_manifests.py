@@ -249,4 +249,22 @@ def test_serve_config_validates(s3_env: None) -> None:
 
     cfg = load_config(ServeConfig, INFRA / "configs" / "serve.yaml")
     assert cfg.model.startswith("models:/")
-    assert cfg.resources.encoder_num_gpus > 0 and cfg.resources.generator_num_gpus > 0
+    d = cfg.deployments
+    assert d.encoder.num_gpus > 0 and d.generator.num_gpus > 0 and d.ingress.num_gpus == 0
+
+
+def _max_replicas(scale: Any) -> int:
+    return scale.autoscaling.max_replicas if scale.autoscaling else scale.num_replicas or 1
+
+
+def test_rayservice_gpu_group_holds_the_serving_deployments(s3_env: None) -> None:
+    """The RayService's GPU worker group can hold every GPU replica the serve config may scale to."""
+    from lidit.config import load_config
+    from serving.config import ServeConfig
+
+    d = load_config(ServeConfig, INFRA / "configs" / "serve.yaml").deployments
+    wanted = sum(_max_replicas(s) * s.num_gpus for s in (d.encoder, d.generator, d.ingress))
+    ((_, service),) = docs_of_kind("RayService")
+    groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    capacity = sum(g["maxReplicas"] * float(g.get("rayStartParams", {}).get("num-gpus", 0)) for g in groups)
+    assert wanted <= capacity, f"serve config may ask for {wanted} GPUs, the RayService has {capacity}"

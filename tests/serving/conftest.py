@@ -58,11 +58,11 @@ class Served:
     registry: Registry
 
 
-def _small_resources() -> list[str]:
+def small_resources() -> list[str]:
     return [
-        "resources.encoder_num_cpus=0.25",
-        "resources.generator_num_cpus=0.5",
-        "resources.ingress_num_cpus=0.1",
+        "deployments.encoder.num_cpus=0.25",
+        "deployments.generator.num_cpus=0.5",
+        "deployments.ingress.num_cpus=0.1",
         "limits.max_side=128",
         "limits.default_steps=4",
         "limits.max_steps=40",
@@ -91,7 +91,7 @@ def served(serving_registry: Registry, request: pytest.FixtureRequest) -> Iterat
             f"models_dir={reg.root / 'models'}",
             "app_name=main",
             f"port={port}",
-            *_small_resources(),
+            *small_resources(),
         ],
     )
     strict_cfg = load_config(
@@ -102,7 +102,7 @@ def served(serving_registry: Registry, request: pytest.FixtureRequest) -> Iterat
             "app_name=strict",
             "route_prefix=/strict",
             f"port={port}",
-            *_small_resources(),
+            *small_resources(),
             f"auth.api_key_file={key_file}",
             "queue.max_inflight=2",
             "queue.retry_after_s=2",

@@ -58,3 +58,31 @@ def test_api_key_from_file_then_env(tmp_path, monkeypatch) -> None:
     assert AuthConfig().resolve_key() is None
     with pytest.raises(ValueError, match="no key"):
         AuthConfig(required=True).resolve_key()
+
+
+def test_deployments_scale_apart_from_the_command_line() -> None:
+    cfg = load_config(ServeConfig, "configs/starter/serve.yaml", ["deployments.generator.num_replicas=2"])
+    assert cfg.deployments.generator.serve_options()["num_replicas"] == 2
+    assert cfg.deployments.encoder.serve_options()["num_replicas"] == 1
+    auto = load_config(
+        ServeConfig,
+        None,
+        [
+            "deployments.encoder.autoscaling.min_replicas=1",
+            "deployments.encoder.autoscaling.max_replicas=3",
+            "deployments.encoder.autoscaling.target_ongoing_requests=8",
+            "deployments.encoder.num_gpus=1",
+        ],
+    ).deployments.encoder.serve_options()
+    assert auto["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 8.0,
+    }
+    assert "num_replicas" not in auto and auto["ray_actor_options"]["num_gpus"] == 1.0
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(
+            ServeConfig,
+            None,
+            ["deployments.generator.num_replicas=2", "deployments.generator.autoscaling.max_replicas=2"],
+        )
