@@ -25,11 +25,8 @@ from transformers.utils import logging as hf_logging
 from lidit.config import StrictModel
 from lidit.fingerprint import hash_json, hash_model_dir
 from lidit.generator import TextBranchSpec, TextFeatures
+from lidit.instruction import DEFAULT_INSTRUCTION
 
-DEFAULT_INSTRUCTION = (
-    "Describe the image by detailing the color, shape, size, texture, quantity, text, and spatial "
-    "relationships of the objects:"
-)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -1,4 +1,9 @@
-"""Content fingerprints for models and sources: what the cache and the registry use to tell stale from fresh."""
+"""Content hashing, in one place: fingerprints for models, configs, files and bytes.
+
+What the cache, the starter build and the registry use to tell stale from fresh. Each function's output is
+recorded in existing manifests and starter summaries, so none of them may change what it returns:
+`hash_model_dir` (encoder/VAE fingerprints in cache manifests) keeps its original unframed layout.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,11 @@ from typing import Any
 CHUNK = 8 * 2**20
 # Files that define a checkpoint; tokenizer and config files matter as much as the weights.
 MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".bin")
+
+
+def hash_bytes(data: bytes) -> str:
+    """sha256 of bytes (shard and prefix-file checksums)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def hash_file(path: str | Path, digest: Any | None = None) -> str:
@@ -30,6 +40,20 @@ def hash_model_dir(path: str | Path) -> str:
     for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES):
         h.update(str(file.relative_to(root)).encode())
         hash_file(file, h)
+    return h.hexdigest()
+
+
+def hash_files(root: str | Path, files: list[Path]) -> str:
+    """sha256 over `files`' names relative to `root` and their contents' digests, in the given order.
+
+    Name and content are framed (NUL after the name, a fixed-size digest per file), so moving bytes between a
+    name and the next file cannot collide. The starter build records these for each stage's outputs.
+    """
+    base = Path(root)
+    h = hashlib.sha256()
+    for file in files:
+        h.update(file.relative_to(base).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(file.read_bytes()).digest())
     return h.hexdigest()
 
 

@@ -33,7 +33,7 @@ from lidit.cache.reader import list_versions, load_manifest
 from lidit.cache.storage import Location, open_location
 from lidit.config import ConfigError, dump_config
 from lidit.encoder import PromptEncoder
-from lidit.fingerprint import hash_json, hash_model_dir
+from lidit.fingerprint import hash_bytes, hash_json, hash_model_dir
 from pipelines.args import add_build_arguments
 from pipelines.config import CacheBuildConfig, load_build_config
 from pipelines.sources import SourceFile, discover
@@ -112,12 +112,6 @@ def _encoder_entries(cfg: CacheBuildConfig) -> tuple[list[C.EncoderEntry], dict[
         prefixes[ec.name] = data
         del enc
     return entries, prefixes
-
-
-def hash_bytes(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def plan_build(cfg: CacheBuildConfig, out: Location) -> Plan:

@@ -18,7 +18,6 @@ resumes at the stage it was in.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lidit.config import dump_config
+from lidit.fingerprint import hash_files
 from lidit.starter.captions import caption_for
 from lidit.starter.config import StarterConfig, config_hash, starter_config
 from lidit.starter.evaluator import EvalReport, aggregate, control_reports, score_image
@@ -127,12 +127,7 @@ def _files(root: Path, rel_paths: list[str]) -> list[Path]:
 
 def fingerprint(root: str | Path, rel_paths: list[str]) -> str:
     """sha256 over the relative names and contents of every file under `rel_paths` of `root`."""
-    root = Path(root)
-    h = hashlib.sha256()
-    for p in _files(root, rel_paths):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0")
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
+    return hash_files(root, _files(Path(root), rel_paths))
 
 
 def _size(root: Path, rel_paths: list[str]) -> dict[str, int]:

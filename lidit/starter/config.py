@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
@@ -16,13 +14,11 @@ from lidit.config import (
     format_validation_error,
     parse_overrides,
 )
+from lidit.fingerprint import hash_json
 
-# The instruction of the LI-DiT paper (DESIGN 1.1). Some LM training samples are prefixed with it so the tiny LMs
-# have seen the text the prompt encoder puts in front of every prompt.
-DEFAULT_INSTRUCTION = (
-    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
-    "and spatial relationships of the objects:"
-)
+# The instruction of the LI-DiT paper (DESIGN 1.1), defined once in lidit.instruction. Some LM training samples
+# are prefixed with it so the tiny LMs have seen the text the prompt encoder puts in front of every prompt.
+from lidit.instruction import DEFAULT_INSTRUCTION
 
 
 class DataConfig(StrictModel):
@@ -156,4 +152,4 @@ def config_hash(obj: Any) -> str:
     """Stable short hash of a JSON-able object (or a config)."""
     if isinstance(obj, StrictModel):
         obj = dump_config(obj)
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    return hash_json(obj)[:16]
