@@ -86,34 +86,59 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def expand_vars(text: str) -> str:
-    """Expand `${VAR}` / `$VAR` in config text; `${LIDIT_HOME}` is always defined (the state root)."""
-    env = dict(os.environ)
-    env.setdefault("LIDIT_HOME", str(lidit_home()))
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), text)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_vars(value: Any) -> Any:
+    """Expand `${VAR}` in every string of a nested config structure: the one expansion policy.
+
+    - Only the braced form: a bare `$` is text (prompts, instructions and comments may hold one).
+    - Expanded in values, after `--set` overrides are merged, so overrides may use `${VAR}` too; YAML
+      comments and keys are never touched.
+    - `${LIDIT_HOME}` is always defined (the state root, `lidit_home()`); any other variable must be set:
+      an unset one is a ConfigError naming it (a silent literal `${X}` path fails later, far from the cause).
+    """
+    if isinstance(value, dict):
+        return {k: expand_vars(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [expand_vars(v) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name == "LIDIT_HOME":
+            return str(lidit_home())
+        if name not in os.environ:
+            raise ConfigError(
+                f"config uses ${{{name}}} but the environment variable is not set (export {name}=...)"
+            )
+        return os.environ[name]
+
+    return _VAR.sub(sub, value)
 
 
 def read_yaml_mapping(path: str | os.PathLike, expand: bool = True) -> dict[str, Any]:
-    """A YAML config file's top-level mapping, with readable errors; `${VAR}`s expanded unless `expand=False`."""
+    """A YAML config file's top-level mapping, with readable errors; `${VAR}`s expanded unless `expand=False`
+    (callers that merge overrides first expand afterwards, see `load_config`)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file not found: {file}")
-    text = file.read_text()
     try:
-        loaded = yaml.safe_load(expand_vars(text) if expand else text) or {}
+        loaded = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
     if not isinstance(loaded, dict):
         raise ConfigError(f"{file}: top level must be a mapping, got {type(loaded).__name__}")
-    return loaded
+    return expand_vars(loaded) if expand else loaded
 
 
 def load_config(
     cls: type[ModelT], path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> ModelT:
     """Load `cls` from a YAML file (optional) plus `key=value` overrides, with readable errors."""
-    data = read_yaml_mapping(path) if path is not None else {}
-    data = deep_merge(data, parse_overrides(overrides))
+    data = read_yaml_mapping(path, expand=False) if path is not None else {}
+    data = expand_vars(deep_merge(data, parse_overrides(overrides)))
     try:
         return cls.model_validate(data)
     except ValidationError as exc:

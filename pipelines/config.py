@@ -1,12 +1,12 @@
 """`CacheBuildConfig`: what `lidit cache build` / `python -m pipelines.build` read from YAML.
 
-String values may use `${VAR}` (environment variables); `${LIDIT_HOME}` defaults to `lidit.config.lidit_home()`.
+String values may use `${VAR}`, expanded by `lidit.config.expand_vars` (the one policy: braced form only, after
+overrides, unset variables are an error, `${LIDIT_HOME}` always defined).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
@@ -16,8 +16,8 @@ from lidit.config import (
     ConfigError,
     StrictModel,
     deep_merge,
+    expand_vars,
     format_validation_error,
-    lidit_home,
     parse_overrides,
     read_yaml_mapping,
 )
@@ -109,29 +109,6 @@ class CacheBuildConfig(StrictModel):
         if not out:
             out.add((max(m, self.resolution // m * m),) * 2)
         return sorted(out)
-
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def expand_vars(value: Any) -> Any:
-    """Replace `${VAR}` in every string of a nested structure; unknown variables are an error."""
-    if isinstance(value, dict):
-        return {k: expand_vars(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_vars(v) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def sub(m: re.Match) -> str:
-        name = m.group(1)
-        if name == "LIDIT_HOME":
-            return str(lidit_home())
-        if name not in os.environ:
-            raise ConfigError(f"config uses ${{{name}}} but the environment variable is not set")
-        return os.environ[name]
-
-    return _VAR.sub(sub, value)
 
 
 def load_build_config(

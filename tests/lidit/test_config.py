@@ -63,10 +63,17 @@ def test_lidit_home_and_mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_env_vars_expand_in_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One policy (lidit.config.expand_vars): `${VAR}` in values, after overrides; a bare `$` is text."""
     monkeypatch.setenv("LIDIT_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("RUN_NAME", "exp1")
     f = tmp_path / "c.yaml"
-    f.write_text("name: ${RUN_NAME}-$RUN_NAME\ntags: ['${LIDIT_HOME}/cache', '${NOT_SET}']\n")
-    cfg = load_config(Outer, f)
-    assert cfg.name == "exp1-exp1"
-    assert cfg.tags == [f"{(tmp_path / 'h').resolve()}/cache", "${NOT_SET}"]
+    f.write_text(
+        "# ${NOT_SET} in a comment is never read\nname: ${RUN_NAME}-$RUN_NAME\ntags: ['${LIDIT_HOME}/cache']\n"
+    )
+    cfg = load_config(Outer, f, ["tags=['${RUN_NAME}/x']"])
+    assert cfg.name == "exp1-$RUN_NAME"
+    assert cfg.tags == ["exp1/x"]
+    assert load_config(Outer, f).tags == [f"{(tmp_path / 'h').resolve()}/cache"]
+    f.write_text("name: ${NOT_SET}/run\n")
+    with pytest.raises(ConfigError, match=r"\$\{NOT_SET\} but the environment variable is not set"):
+        load_config(Outer, f)
