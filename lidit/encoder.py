@@ -12,6 +12,7 @@ those of one joint pass (checked in tests) and the prefix states are stored once
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -79,6 +80,11 @@ class PromptEncoder:
                 f"encoder {config.name!r}: layer {config.layer} out of range for {num_layers} blocks"
             )
         self.prefix_ids = self._prefix_ids()
+        # transformers >= 5.24 takes the key/value cache as `cache=` (a `Cache` object, here a DynamicCache) and
+        # removes `past_key_values=` in 5.40; releases before 5.24 only know `past_key_values=`.
+        self._cache_arg = (
+            "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        )
         self.calls = 0  # number of encode batches run; the cache tests count recomputation with it
 
     @property
@@ -121,7 +127,10 @@ class PromptEncoder:
     def _prefix_pass(self) -> tuple[torch.Tensor, object]:
         ids = torch.tensor([self.prefix_ids], device=self.device)
         out = self.model(input_ids=ids, use_cache=True, output_hidden_states=True)
-        return out.hidden_states[self.config.layer][0], out.past_key_values
+        cache = getattr(out, "cache", None)  # a DynamicCache, named `cache` from transformers 5.24 on
+        if cache is None:
+            cache = out.past_key_values
+        return out.hidden_states[self.config.layer][0], cache
 
     @cached_property
     def _prefix(self) -> tuple[torch.Tensor, object]:
@@ -173,9 +182,9 @@ class PromptEncoder:
             out = self.model(
                 input_ids=ids,
                 attention_mask=full_mask,
-                past_key_values=cache,
                 position_ids=positions,
                 output_hidden_states=True,
+                **{self._cache_arg: cache},
             )
         states = out.hidden_states[self.config.layer] * mask.unsqueeze(-1)  # zero the padding
         return EncodedPrompts(states, mask.sum(1))

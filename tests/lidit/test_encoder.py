@@ -99,3 +99,16 @@ def test_features_layout(encoder: PromptEncoder) -> None:
 def test_missing_model_dir_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         PromptEncoder(EncoderConfig(name="x", path=str(tmp_path / "nope")))
+
+
+def test_prefix_sharing_uses_the_cache_api_that_stays(encoder: PromptEncoder) -> None:
+    """No deprecated `past_key_values=` on either starter family (transformers removes it in 5.40)."""
+    import warnings
+
+    from transformers.cache_utils import Cache
+
+    assert isinstance(encoder._prefix[1], Cache)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        encoder.encode_prompts(PROMPTS)
+    assert not [w for w in seen if "past_key_values" in str(w.message)]
