@@ -448,6 +448,7 @@ class Generator:
 def build_app(cfg: ServeConfig) -> serve.Application:
     """Bind the three deployments for `cfg` (resolves the model alias and the API key now)."""
     key = cfg.auth.resolve_key()
+    admin_key = cfg.admin.resolve_key()
     tracking = tracking_uri_for(cfg.model)
     models_dir = str(Path(cfg.models_dir).resolve()) if cfg.models_dir else str(lidit_home() / "models")
     ref = resolve_ref(cfg.model, tracking, models_dir)
@@ -476,7 +477,13 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         max_ongoing_requests=q.max_inflight + 32,  # room to answer 503s, health and admin beyond admission
         max_queued_requests=q.max_queued_requests,
         user_config=ingress_state,
-    ).bind(cfg, encoder, generator, hash_key(key) if key else None)
+    ).bind(
+        cfg,
+        encoder,
+        generator,
+        hash_key(key) if key else None,
+        hash_key(admin_key) if admin_key else None,
+    )
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:

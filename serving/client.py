@@ -58,9 +58,13 @@ def generate(
 
 
 def reload(url: str, model: str | None = None, api_key: str | None = None, timeout: float = 600.0) -> dict:
-    """Ask the server to re-resolve its model alias (or switch to `model`) and hot-swap."""
+    """Ask the server to re-resolve its model alias (or switch to `model`) and hot-swap.
+
+    `api_key` is the admin key (default $LIDIT_ADMIN_KEY, else $LIDIT_API_KEY for a loopback server).
+    """
     body = {"model": model} if model else None
-    resp = httpx.post(url.rstrip("/") + RELOAD_PATH, json=body, headers=_headers(api_key), timeout=timeout)
+    key = api_key or os.environ.get("LIDIT_ADMIN_KEY")
+    resp = httpx.post(url.rstrip("/") + RELOAD_PATH, json=body, headers=_headers(key), timeout=timeout)
     return _check(resp)
 
 

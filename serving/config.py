@@ -7,6 +7,7 @@ or a resource setting is defined once.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 from pathlib import Path
 
@@ -116,6 +117,19 @@ class DeploymentsConfig(StrictModel):
     generator: DeploymentScaleConfig = Field(default_factory=lambda: DeploymentScaleConfig(num_cpus=1.0))
 
 
+def read_key(env: str, file: str | None, what: str) -> str | None:
+    """A secret from `file` (first) or the environment variable `env`; None when neither has one."""
+    if file:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file not found: {path}")
+        key = path.read_text().strip()
+        if not key:
+            raise ValueError(f"{what} file {path} is empty")
+        return key
+    return os.environ.get(env, "").strip() or None
+
+
 class AuthConfig(StrictModel):
     """Bearer-token auth: on when a key is found in `api_key_env` or `api_key_file` (or `required`)."""
 
@@ -125,24 +139,32 @@ class AuthConfig(StrictModel):
 
     def resolve_key(self) -> str | None:
         """The configured key, from the file first, then the environment; None = auth off."""
-        if self.api_key_file:
-            path = Path(self.api_key_file).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"api key file not found: {path}")
-            key = path.read_text().strip()
-            if not key:
-                raise ValueError(f"api key file {path} is empty")
-            return key
-        key = os.environ.get(self.api_key_env, "").strip()
-        if key:
-            return key
-        if self.required:
+        key = read_key(self.api_key_env, self.api_key_file, "api key")
+        if key is None and self.required:
             raise ValueError(f"auth.required is set but no key in ${self.api_key_env} or auth.api_key_file")
-        return None
+        return key
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: may resolve to anything
+        return False
 
 
 class AdminConfig(StrictModel):
-    """The admin endpoints (`/admin/reload`): how a reload rolls out."""
+    """The admin endpoints (`/admin/reload`): their own credential, and how a reload rolls out.
+
+    With an admin key (from `key_env` or `key_file`), admin endpoints take only that key: the image clients'
+    key gets 403. Without one they are off (403), unless the server binds loopback only, where whoever can
+    reach it is on this machine (then the client key, if set, guards them as it guards images).
+    """
+
+    key_env: str = "LIDIT_ADMIN_KEY"
+    key_file: str | None = None
 
     switch_delay_s: float = Field(
         2.0,
@@ -151,6 +173,10 @@ class AdminConfig(StrictModel):
         "(longer than Serve's rollout of a user_config to all ingress replicas, so they switch together)",
     )
     reload_timeout_s: float = Field(600.0, gt=0, description="loading a version on every replica")
+
+    def resolve_key(self) -> str | None:
+        """The admin key, from the file first, then the environment; None = no admin credential."""
+        return read_key(self.key_env, self.key_file, "admin key")
 
 
 class ServeConfig(StrictModel):

@@ -30,7 +30,7 @@ from serving.api import (
     error_body,
     parse_request,
 )
-from serving.config import ServeConfig, hash_key
+from serving.config import ServeConfig, hash_key, is_loopback
 from serving.deploy import set_user_configs
 from serving.refs import ModelRef, resolve_ref, tracking_uri_for
 from serving.state import ENCODER, GENERATOR, INGRESS, ServedVersion, model_user_config
@@ -66,12 +66,15 @@ class Ingress:
         encoder: DeploymentHandle,
         generator: DeploymentHandle,
         key_hash: str | None,
+        admin_key_hash: str | None = None,
     ) -> None:
         self._cfg = cfg
         self._version: ServedVersion | None = None  # set by `reconfigure` before the first request
         self._encoder = encoder
         self._generator = generator
         self._key_hash = key_hash
+        self._admin_key_hash = admin_key_hash
+        self._admin_open = admin_key_hash is None and is_loopback(cfg.host)
         self._inflight = 0
         self._reload_lock = asyncio.Lock()
         self._name = cfg.default_model_name()
@@ -96,20 +99,24 @@ class Ingress:
     def _served_names(self, ref: ModelRef) -> set[str]:
         return {self._name, f"{self._name}/{ref.label.rsplit('/', 1)[-1]}", ref.label}
 
-    def _check_auth(self, request: Request) -> None:
-        if self._key_hash is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+    @staticmethod
+    def _token_hash(request: Request) -> str:
+        """Hash of the bearer token; 401 when there is none."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise APIError(
                 401,
-                "missing bearer token: send 'Authorization: Bearer <API key>'",
+                "missing bearer token: send 'Authorization: Bearer <key>'",
                 "invalid_request_error",
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if not hmac.compare_digest(hash_key(token.strip()), self._key_hash):
+        return hash_key(token.strip())
+
+    def _check_auth(self, request: Request) -> None:
+        if self._key_hash is None:
+            return
+        if not hmac.compare_digest(self._token_hash(request), self._key_hash):
             raise APIError(
                 401,
                 "incorrect API key",
@@ -117,6 +124,33 @@ class Ingress:
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+
+    def _check_admin(self, request: Request) -> None:
+        """Admin endpoints: the admin key only (see `serving.config.AdminConfig`)."""
+        if self._admin_key_hash is None:
+            if not self._admin_open:
+                raise APIError(
+                    403,
+                    f"admin endpoints are off: the server binds {self._cfg.host} and has no admin key "
+                    f"(set ${self._cfg.admin.key_env} or admin.key_file)",
+                    code="admin_disabled",
+                )
+            self._check_auth(request)
+            return
+        token = self._token_hash(request)
+        if hmac.compare_digest(token, self._admin_key_hash):
+            return
+        if self._key_hash is not None and hmac.compare_digest(token, self._key_hash):
+            raise APIError(
+                403, "this API key may not use admin endpoints; send the admin key", code="forbidden"
+            )
+        raise APIError(
+            401,
+            "incorrect admin key",
+            "invalid_request_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self._cfg.limits.max_request_bytes
@@ -240,7 +274,7 @@ class Ingress:
     async def reload(self, request: Request) -> JSONResponse:
         """Re-resolve the model URI (or switch to `{"model": URI}`), load it everywhere, then switch everywhere."""
         try:
-            self._check_auth(request)
+            self._check_admin(request)
             body = await self._read_body(request)
             assert self._version is not None
             uri = self._version.model_uri

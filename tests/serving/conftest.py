@@ -18,6 +18,7 @@ from tests.serving.export import build_export, build_shared_assets, register_exp
 
 MODEL_NAME = "lidit-serve-test"
 API_KEY = "test-key-123"
+ADMIN_KEY = "test-admin-key-456"
 
 
 @dataclass
@@ -67,6 +68,7 @@ def small_resources() -> list[str]:
         "limits.default_steps=4",
         "limits.max_steps=40",
         "auth.api_key_env=LIDIT_TEST_UNSET_KEY",  # auth off unless a test app sets a key file
+        "admin.key_env=LIDIT_TEST_UNSET_ADMIN_KEY",  # no admin key unless a test app sets a key file
     ]
 
 
@@ -104,6 +106,9 @@ def served(serving_registry: Registry, request: pytest.FixtureRequest) -> Iterat
             f"port={port}",
             *small_resources(),
             f"auth.api_key_file={key_file}",
+            # What the app reasons on when it decides whether admin endpoints are on: a non-loopback bind
+            # with no admin key turns them off. (Serve's proxy itself binds 127.0.0.1, set by serve.start.)
+            "host=0.0.0.0",
             "queue.max_inflight=2",
             "queue.retry_after_s=2",
         ],

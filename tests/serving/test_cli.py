@@ -48,5 +48,5 @@ def test_generate_reports_server_errors(served: Served, tmp_path: Path, capsys) 
 def test_serve_reload_command(served: Served, capsys) -> None:
     assert main(["serve", "reload", "--url", served.url]) == 0
     assert '"changed": false' in capsys.readouterr().out
-    assert main(["serve", "reload", "--url", served.strict_url]) == 1  # no key -> 401
-    assert "HTTP 401" in capsys.readouterr().err
+    assert main(["serve", "reload", "--url", served.strict_url]) == 1  # admin endpoints off -> 403
+    assert "HTTP 403" in capsys.readouterr().err

@@ -16,11 +16,12 @@ import pytest
 
 from lidit.registry import set_alias
 from serving.client import reload
-from tests.serving.conftest import MODEL_NAME, Served, small_resources
+from tests.serving.conftest import ADMIN_KEY, API_KEY, MODEL_NAME, Served, small_resources
 
 IMAGES = "/v1/images/generations"
 REQ = {"prompt": "a red circle", "size": "32x32", "seed": 9, "num_inference_steps": 2}
 APP = "multi"
+CLIENT = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @dataclass
@@ -38,6 +39,7 @@ def multi_url(served: Served) -> Iterator[str]:
     from serving.deploy import delete, deploy
 
     port = served.url.rsplit(":", 1)[1]
+    (served.registry.root / "admin_key").write_text(ADMIN_KEY + "\n")
     cfg = load_config(
         ServeConfig,
         None,
@@ -48,6 +50,8 @@ def multi_url(served: Served) -> Iterator[str]:
             f"route_prefix=/{APP}",
             f"port={port}",
             *small_resources(),
+            f"auth.api_key_file={served.registry.root / 'api_key'}",
+            f"admin.key_file={served.registry.root / 'admin_key'}",
             "deployments.ingress.num_replicas=2",
             "deployments.generator.num_replicas=2",
             "deployments.generator.num_cpus=0.4",
@@ -71,7 +75,7 @@ class Load:
         self._threads = [threading.Thread(target=self._client, args=(url,)) for _ in range(clients)]
 
     def _client(self, url: str) -> None:
-        with httpx.Client(timeout=120) as c:
+        with httpx.Client(timeout=120, headers=CLIENT) as c:
             while not self._stop.is_set():
                 t0 = time.monotonic()
                 try:
@@ -110,7 +114,7 @@ def test_reload_under_load_then_a_replacement_ingress_serves_the_reloaded_versio
     with Load(multi_url, clients=3) as load:
         time.sleep(2)
         set_alias(MODEL_NAME, "production", served.registry.versions[1])
-        assert reload(multi_url) == {"previous": v1, "current": v2, "changed": True}
+        assert reload(multi_url, api_key=ADMIN_KEY) == {"previous": v1, "current": v2, "changed": True}
         reloaded_at = time.monotonic()
         time.sleep(2)
     calls = sorted(load.calls, key=lambda c: c.start)
@@ -143,7 +147,7 @@ def test_reload_under_load_then_a_replacement_ingress_serves_the_reloaded_versio
         seen: dict[str, str] = {}
         while new_id not in seen:
             assert time.monotonic() < deadline, f"replacement {new_id} never answered; saw {seen}"
-            body = httpx.get(multi_url + "/readyz", timeout=60).json()
+            body = httpx.get(multi_url + "/readyz", timeout=60).json()  # probes need no key
             seen[body["replica"]] = body["version"]
         time.sleep(2)
     assert victim_id not in seen
@@ -158,3 +162,16 @@ def test_reload_under_load_then_a_replacement_ingress_serves_the_reloaded_versio
         f"kill: {len(failed)} of {len(load.calls)} requests failed, replacement after "
         f"{replaced_at - killed_at:.1f} s"
     )
+
+
+def test_admin_endpoints_take_only_the_admin_key(multi_url: str) -> None:
+    """The image clients' key gets 403 on admin endpoints; no key or a wrong one 401; the admin key works."""
+    r = httpx.post(multi_url + "/admin/reload", headers=CLIENT, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(multi_url + "/admin/reload", headers=headers, timeout=60)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+    # and the admin key is no image key: admin and clients are separate credentials
+    r = httpx.post(multi_url + IMAGES, json=REQ, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    assert r.status_code == 401
+    assert reload(multi_url, api_key=ADMIN_KEY)["changed"] is False

@@ -86,3 +86,18 @@ def test_deployments_scale_apart_from_the_command_line() -> None:
             None,
             ["deployments.generator.num_replicas=2", "deployments.generator.autoscaling.max_replicas=2"],
         )
+
+
+def test_admin_key_and_loopback_rule(tmp_path, monkeypatch) -> None:
+    from serving.config import AdminConfig, is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "myhost"))
+    monkeypatch.delenv("LIDIT_ADMIN_KEY", raising=False)
+    assert AdminConfig().resolve_key() is None
+    monkeypatch.setenv("LIDIT_ADMIN_KEY", "adm")
+    assert AdminConfig().resolve_key() == "adm"
+    (tmp_path / "a").write_text("adm-file\n")
+    assert AdminConfig(key_file=str(tmp_path / "a")).resolve_key() == "adm-file"
+    with pytest.raises(FileNotFoundError, match="admin key file"):
+        AdminConfig(key_file=str(tmp_path / "missing")).resolve_key()
