@@ -214,6 +214,41 @@ class LiDiTPipeline:
             raise ValueError(f"image size {width}x{height} must be positive multiples of {multiple}")
         return height // scale, width // scale
 
+    @staticmethod
+    def unconditional(
+        texts: list[TextFeatures],
+        negative: list[TextFeatures] | None = None,
+        has_negative: torch.Tensor | None = None,
+    ) -> list[TextFeatures]:
+        """CFG's unconditional branch, per encoder: a row's negative prompt, or else the empty prompt.
+
+        The empty prompt is the prefix alone (prompt tokens masked): exactly what CFG dropout trains for.
+        `has_negative` (B,) marks rows whose `negative` features hold a real negative prompt (default: all
+        rows when `negative` is given); the other rows of `negative` are ignored.
+        """
+        if negative is None:
+            return [t.drop_prompt(torch.ones(t.mask.shape[0], dtype=torch.bool)) for t in texts]
+        if has_negative is None:
+            return negative
+        return [n.drop_prompt(~has_negative.bool()) for n in negative]
+
+    def generate_from_features(
+        self,
+        texts: list[TextFeatures],
+        seeds: list[int],
+        height: int,
+        width: int,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.0,
+        negative: list[TextFeatures] | None = None,
+        has_negative: torch.Tensor | None = None,
+    ) -> list[Image.Image]:
+        """Text features -> images: the one CFG + sampling + decode path (`__call__` and serving run it)."""
+        lh, lw = self.latent_size(height, width)
+        uncond = self.unconditional(texts, negative, has_negative) if guidance_scale != 1.0 else None
+        latents = self.sample(texts, uncond, seeds, lh, lw, num_inference_steps, guidance_scale)
+        return self.decode(latents)
+
     def __call__(
         self,
         prompts: str | list[str],
@@ -227,22 +262,17 @@ class LiDiTPipeline:
     ) -> list[Image.Image]:
         """Generate images; image k of the batch uses seed `seed + k` (reproducible per image)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.latent_size(height, width)  # a bad size fails before the LLMs run
+        negative = None
+        if guidance_scale != 1.0 and negative_prompt:
+            neg = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+            negative = self.encode([n for n in neg for _ in range(num_images_per_prompt)])
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        lh, lw = self.latent_size(height, width)
         texts = self.encode(prompts)
-        uncond = None
-        if guidance_scale != 1.0:
-            if negative_prompt:
-                neg = (
-                    [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-                )
-                uncond = self.encode([n for n in neg for _ in range(num_images_per_prompt)])
-            else:
-                # Empty prompt = prefix only: exactly what CFG dropout trains for.
-                uncond = [t.drop_prompt(torch.ones(len(prompts), dtype=torch.bool)) for t in texts]
         seeds = [seed + k for k in range(len(prompts))]
-        latents = self.sample(texts, uncond, seeds, lh, lw, num_inference_steps, guidance_scale)
-        return self.decode(latents)
+        return self.generate_from_features(
+            texts, seeds, height, width, num_inference_steps, guidance_scale, negative
+        )
 
 
 def read_spec(directory: str | Path) -> PipelineSpec:

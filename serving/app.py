@@ -22,7 +22,6 @@ could see new encoder features with an old generator).
 # No `from __future__ import annotations` in the serving modules: FastAPI must see real types on the ingress
 # methods (Serve rewrites their signatures, and string annotations such as "Request" then go unresolved).
 import asyncio
-import io
 import logging
 import shutil
 import weakref
@@ -39,11 +38,13 @@ from ray.serve.handle import DeploymentHandle
 
 from lidit.config import lidit_home, load_config
 from lidit.encoder import PromptEncoder, features_from_parts
-from lidit.pipeline import LiDiTPipeline, check_spec_fingerprints, read_spec
+from lidit.images import png_bytes
+from lidit.pipeline import LiDiTPipeline, PipelineSpec, check_spec_fingerprints
 from serving.api import GenerationJob, deployment_error
 from serving.config import ServeConfig, hash_key
+from serving.fingerprints import cached_fingerprint
 from serving.ingress import Ingress
-from serving.refs import ModelRef, materialize, resolve_ref, tracking_uri_for
+from serving.refs import ModelRef, fetch_spec_json, materialize, resolve_ref, tracking_uri_for
 from serving.state import ServedVersion, model_user_config, versions_from_user_config
 
 __all__ = ["Generator", "Ingress", "ModelStore", "TextEncoder", "app_builder", "build_app"]
@@ -190,12 +191,7 @@ class TextEncoder:
         await self._store.hold(versions_from_user_config(user_config))
 
     def _load(self, ref: ModelRef) -> _EncoderSet:
-        path, tmp = materialize(ref)
-        try:
-            spec = read_spec(path)
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)  # only pipeline.json was needed from it
+        spec = PipelineSpec.model_validate_json(fetch_spec_json(ref))  # pipeline.json only, no weights
         encoders = []
         for c in spec.encoders:
             key = c.model_dump_json()
@@ -204,10 +200,11 @@ class TextEncoder:
                 enc = PromptEncoder(c, device=self._device)
                 self._pool[key] = enc
             encoders.append(enc)
+        for enc in encoders:  # fingerprint (checked, and the LRU key) without re-hashing unchanged weights
+            cached_fingerprint(enc)
         check_spec_fingerprints(spec.model_copy(update={"vae_fingerprint": None}), encoders)
-        for enc in encoders:  # prefix states and fingerprint (LRU key) now, not on the first request
+        for enc in encoders:  # prefix states now, not on the first request
             enc.prefix_states  # noqa: B018
-            enc.fingerprint  # noqa: B018
         return _EncoderSet(encoders)
 
     async def ready(self, ref: ModelRef) -> bool:
@@ -223,7 +220,8 @@ class TextEncoder:
     async def encode(self, item: dict[str, Any]) -> dict[str, Any]:
         return await self._encode_batch(item)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
+    # Size and wait come from the config (set_max_batch_size / set_batch_wait_timeout_s in __init__).
+    @serve.batch(max_concurrent_batches=1024)
     async def _encode_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         sets: dict[str, _EncoderSet | dict] = {}
         for it in items:
@@ -377,7 +375,8 @@ class Generator:
             return text
         return await self._sample_batch(_SampleJob(ref, pipe, job, latent_hw, text))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
+    # Size and wait come from the config (set_max_batch_size / set_batch_wait_timeout_s in __init__).
+    @serve.batch(max_concurrent_batches=1024)
     async def _sample_batch(self, jobs: list[_SampleJob]) -> list[dict[str, Any]]:
         return await self._worker.submit(jobs)
 
@@ -407,39 +406,33 @@ class Generator:
         return out  # type: ignore[return-value]
 
     def _run_group(self, group: list[_SampleJob]) -> list[bytes]:
+        """One sampler call for requests of one group; CFG and sampling are the pipeline's own code."""
         first = group[0]
         pipe, job = first.pipe, first.job
-        names = [e.name for e in pipe.generator.config.encoders]
-        seeds = [j.job.seed + k for j in group for k in range(j.job.n)]
-        texts, uncond = [], []
-        for name in names:
-            prefix = first.text["prefix"][name]
-            cond_rows = [j.text["states"][name][0] for j in group for _ in range(j.job.n)]
-            texts.append(features_from_parts(prefix, cond_rows))
-            # No negative prompt = the empty prompt = prefix only, exactly what CFG dropout trained.
-            empty = prefix.new_zeros(0, prefix.shape[1])
-            neg_rows = [
-                j.text["states"][name][1] if j.job.negative_prompt else empty
-                for j in group
-                for _ in range(j.job.n)
+        rows = [j for j in group for _ in range(j.job.n)]  # one row per image
+        texts, negative = [], []
+        for enc in pipe.generator.config.encoders:
+            prefix = first.text["prefix"][enc.name]
+            cond = [j.text["states"][enc.name][0] for j in rows]
+            texts.append(features_from_parts(prefix, cond))
+            # Rows without a negative prompt carry their own prompt here; the pipeline masks it (empty prompt).
+            neg = [
+                j.text["states"][enc.name][1] if j.job.negative_prompt else c
+                for j, c in zip(rows, cond, strict=True)
             ]
-            uncond.append(features_from_parts(prefix, neg_rows))
-        use_cfg = job.guidance != 1.0
-        latents = pipe.sample(
+            negative.append(features_from_parts(prefix, neg))
+        has_negative = torch.tensor([bool(j.job.negative_prompt) for j in rows])
+        images = pipe.generate_from_features(
             texts,
-            uncond if use_cfg else None,
-            seeds,
-            first.latent_hw[0],
-            first.latent_hw[1],
+            [j.job.seed + k for j in group for k in range(j.job.n)],
+            job.height,
+            job.width,
             job.steps,
             job.guidance,
+            negative,
+            has_negative,
         )
-        pngs = []
-        for im in pipe.decode(latents):
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            pngs.append(buf.getvalue())
-        return pngs
+        return [png_bytes(im) for im in images]
 
 
 # -- builders ---------------------------------------------------------------------------------------------

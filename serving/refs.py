@@ -66,6 +66,32 @@ def materialize(ref: ModelRef) -> tuple[Path, Path | None]:
     return fetch_pipeline(ref.uri, dst=tmp), tmp
 
 
+def fetch_spec_json(ref: ModelRef) -> str:
+    """The text of `ref`'s `pipeline.json` alone: what the text encoder needs, without the generator weights."""
+    from lidit.pipeline import PIPELINE_CONFIG  # lazy: this module stays torch-free for the ingress
+
+    if not ref.uri.startswith("models:/"):
+        return (Path(ref.uri) / PIPELINE_CONFIG).read_text()
+    import mlflow
+
+    from lidit.registry import PIPELINE_ARTIFACT
+
+    if ref.tracking_uri:
+        mlflow.set_tracking_uri(ref.tracking_uri)
+    name, version = ref.uri[len("models:/") :].rsplit("/", 1)
+    source = mlflow.MlflowClient().get_model_version(name, version).source
+    with tempfile.TemporaryDirectory(prefix="spec-") as tmp:
+        # Same two layouts `lidit.registry.fetch_pipeline` accepts: the spec at the root or under pipeline/.
+        for candidate in (f"{source}/{PIPELINE_CONFIG}", f"{source}/{PIPELINE_ARTIFACT}/{PIPELINE_CONFIG}"):
+            try:
+                return Path(
+                    mlflow.artifacts.download_artifacts(artifact_uri=candidate, dst_path=tmp)
+                ).read_text()
+            except Exception:  # not in this layout (MLflow raises its own or an OSError type per store)
+                continue
+    raise FileNotFoundError(f"{ref.uri} does not hold a LI-DiT pipeline (no {PIPELINE_CONFIG})")
+
+
 def tracking_uri_for(uri: str) -> str | None:
     """The tracking URI to pin into refs of registry models (None for a local export).
 

@@ -158,3 +158,19 @@ def test_models_endpoint_lists_served_name_and_version(served: Served) -> None:
     assert entry["id"] == MODEL_NAME
     assert entry["version"].startswith(f"{MODEL_NAME}/")
     assert json.dumps(body)  # plain JSON
+
+
+@pytest.mark.parametrize("negative", [None, "a yellow circle"])
+def test_served_image_equals_the_pipeline_call(served: Served, negative: str | None) -> None:
+    """One CFG / sampling path: the server's image is `LiDiTPipeline.__call__`'s for the same inputs."""
+    from lidit.pipeline import LiDiTPipeline
+
+    req = {"prompt": "two blue squares", "size": "32x32", "seed": 21, "num_inference_steps": 3}
+    if negative:
+        req["negative_prompt"] = negative
+    served_image = _images(_post(served.url, req))[0]
+    pipe = LiDiTPipeline.from_pretrained(served.registry.exports[0])  # main serves version 1 = export 0
+    local = pipe(
+        "two blue squares", negative, num_inference_steps=3, guidance_scale=4.0, seed=21, height=32, width=32
+    )[0]
+    assert np.abs(np.asarray(local.convert("RGB")).astype(int) - served_image.astype(int)).max() <= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -101,3 +102,27 @@ def test_admin_key_and_loopback_rule(tmp_path, monkeypatch) -> None:
     assert AdminConfig(key_file=str(tmp_path / "a")).resolve_key() == "adm-file"
     with pytest.raises(FileNotFoundError, match="admin key file"):
         AdminConfig(key_file=str(tmp_path / "missing")).resolve_key()
+
+
+def test_encoder_fingerprint_is_hashed_once_per_unchanged_checkpoint(tmp_path, monkeypatch) -> None:
+    import lidit.encoder
+    from lidit.encoder import EncoderConfig, PromptEncoder
+    from serving.fingerprints import cached_fingerprint
+    from tests.lidit.tiny_lms import build_tiny_lms
+
+    monkeypatch.setenv("LIDIT_HOME", str(tmp_path / "home"))
+    path = build_tiny_lms(tmp_path / "lms")["llama"]
+    cfg = EncoderConfig(name="llama", path=str(path))
+    first = cached_fingerprint(PromptEncoder(cfg))
+    assert first == PromptEncoder(cfg).fingerprint
+    with monkeypatch.context() as m:  # a second replica start reads the cache: not one byte hashed
+        m.setattr(lidit.encoder, "hash_model_dir", lambda p: pytest.fail("re-hashed an unchanged checkpoint"))
+        enc = PromptEncoder(cfg)
+        assert cached_fingerprint(enc) == first and enc.fingerprint == first
+    config = path / "config.json"  # rewritten in place (new mtime): hashed again
+    config.write_text(config.read_text())
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    calls = []
+    real = lidit.encoder.hash_model_dir
+    monkeypatch.setattr(lidit.encoder, "hash_model_dir", lambda p: calls.append(p) or real(p))
+    assert cached_fingerprint(PromptEncoder(cfg)) == first and len(calls) == 1
