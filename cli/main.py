@@ -78,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(
         ["lidit", args.command] + [v for k, v in vars(args).items() if k.endswith("_command") and v]
     )
-    from cli.console import configure
+    from cli.console import configure, tool_console, unconfigure
 
-    configure(command, verbose=args.verbose or os.environ.get("LIDIT_VERBOSE", "") not in ("", "0"))
+    verbose = args.verbose or os.environ.get("LIDIT_VERBOSE", "") not in ("", "0")
+    if verbose:
+        os.environ["LIDIT_VERBOSE"] = "1"  # cluster.ensure_ray and child processes read it
+    log_file = configure(command, verbose=verbose)
     try:
-        return int(args.handler(args) or 0)
+        with tool_console(log_file):
+            return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: keep the traceback
         print(f"{command}: {failure}", file=sys.stderr)
         return failure.exit_code
+    finally:
+        unconfigure()
 
 
 if __name__ == "__main__":
