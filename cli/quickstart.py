@@ -50,6 +50,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def mlflow_ui_command(tracking_uri: str) -> str | None:
+    """The command that serves a local store's UI at LOCAL_UI (None for a tracking server: it has its UI)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def mlflow_run_url(tracking_uri: str, run_id: str) -> str:
+    """URL of the run in the UI's model-training view (MLflow 3 opens experiments in GenAI mode otherwise)."""
+    import mlflow
+
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -154,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         "grid": str(grid_path),
         "generated": str(folder),
         "mlflow_tracking_uri": mlflow_tracking_uri(),
-        "mlflow_ui": f"mlflow ui --backend-store-uri {mlflow_tracking_uri()} --host 127.0.0.1 --port 5000",
+        "mlflow_ui": mlflow_ui_command(mlflow_tracking_uri()),
+        "mlflow_run_url": mlflow_run_url(mlflow_tracking_uri(), trained["mlflow_run_id"]),
         "seconds": {**timings, "total": round(time.perf_counter() - t_all, 1)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -169,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"\ngrid:      {grid_path}\nsummary:   {out / 'summary.json'}\ncache:     {summary['cache']['uri']}"
             f" (version {summary['cache']['version']})\nmodel:     {summary['model']} (version "
-            f"{trained['model_version']})\nendpoint:  {url} (stopped)\nMLflow UI: {summary['mlflow_ui']}\n"
+            f"{trained['model_version']})\nendpoint:  {url} (stopped)\nMLflow run: {summary['mlflow_run_url']}"
+            + (f"\n           (start the UI first: {summary['mlflow_ui']})" if summary["mlflow_ui"] else "")
+            + "\n"
             f"total:     {summary['seconds']['total']} s"
         )
     return 0
