@@ -49,6 +49,7 @@ from training.step import build_optimizer, step_generator, train_step
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPES = {"default": ROOT / "configs/starter/train.yaml", "long": ROOT / "configs/starter/train_long.yaml"}
+PROGRESS_EVERY = 100  # steps between progress lines
 CATEGORIES = ("overall", "colour", "shape", "binding", "count", "position")
 
 
@@ -110,9 +111,11 @@ def run_curve(
     eval_cfg: EvalSection,
     device: str,
     on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+    save_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train `cfg` once, scoring at every budget; `on_row(rows)` after each budget, so a long run keeps
-    the rows it finished."""
+    the rows it finished. With `save_dir`, the EMA generator of each budget is saved as `save_dir/step_N`
+    (to re-score it with other sampler settings without training again)."""
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
     gen_config = build_generator_config(cfg, reader)
@@ -142,6 +145,14 @@ def run_curve(
             train_step(
                 model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, 0, step), device
             )
+            if (step + 1) % PROGRESS_EVERY == 0:
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / (step + 1 - done) * (budget - step - 1)
+                print(
+                    f"[curve] step {step + 1}/{cfg.steps}  {elapsed:.0f}s  next score at {budget}"
+                    f" in ~{eta:.0f}s",
+                    flush=True,
+                )
         if device != "cpu":
             torch.cuda.synchronize()
         segment_s = time.perf_counter() - t0
@@ -153,6 +164,8 @@ def run_curve(
         generator = LiDiTGenerator(gen_config)
         generator.load_state_dict(ema.full_state_dict(), strict=True)
         generator.to(device).eval()
+        if save_dir is not None:
+            generator.save_pretrained(save_dir / f"step_{budget}")
         pipe = LiDiTPipeline(
             generator, vae, cfg.model.objective, encoders, device=device, flow_shift=cfg.model.flow_shift
         )
@@ -197,6 +210,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}; eval: {rec['eval']['prompts']} "
             f"prompts per split, {rec['eval']['sample_steps']} sampler steps, guidance {rec['eval']['guidance_scale']}; "
             f"measured {rec['date']}.",
+            *([f"{rec['note']}  "] if rec.get("note") else []),
             "",
             "| steps | samples | train s | held-out overall | colour | shape | binding | count | position "
             "| train-prompt overall | colour | shape | binding | count | position | loss true | shuffled | none |",
@@ -242,6 +256,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--note", help="a line kept with the recipe's rows (conditions of the measurement)")
+    parser.add_argument("--save", help="save each budget's EMA generator under this folder (step_N)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -282,13 +298,15 @@ def main() -> None:
             },
             "date": time.strftime("%Y-%m-%d"),
             "wall_s": round(time.perf_counter() - started, 1),
+            **({"note": args.note} if args.note else {}),
             "reference": reference,
             "rows": rows,
         }
         path.write_text(json.dumps(results, indent=2) + "\n")
         (out / "learning_curve.md").write_text(markdown(results))
 
-    run_curve(cfg, budgets, Path(args.starter), eval_cfg, args.device, on_row=write)
+    save_dir = Path(args.save) if args.save else None
+    run_curve(cfg, budgets, Path(args.starter), eval_cfg, args.device, on_row=write, save_dir=save_dir)
     print(f"wrote {path} and learning_curve.md")
 
 
