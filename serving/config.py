@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -179,6 +180,25 @@ class AdminConfig(StrictModel):
         return read_key(self.key_env, self.key_file, "admin key")
 
 
+class StartupConfig(StrictModel):
+    """How long `lidit serve` waits for Serve: a loaded box needs minutes, not Serve's defaults of seconds."""
+
+    timeout_s: float = Field(900.0, gt=0, description="until every replica of the app is up")
+    proxy_ready_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Serve's HTTP proxy readiness check, 3 tries (Serve's 5 s fails while other work holds "
+        "the cores); applies to a Ray that `lidit serve` starts",
+    )
+
+
+class LogsConfig(StrictModel):
+    """Where Serve's logs go. `file`: the Ray session's `logs/serve/` only (access lines included);
+    `console`: also stderr; `disabled`: no access lines at all (other logs to file)."""
+
+    access_log: Literal["file", "console", "disabled"] = "file"
+
+
 class ServeConfig(StrictModel):
     """The serving application: which model, where to listen, limits, batching, queues, resources, auth."""
 
@@ -202,6 +222,8 @@ class ServeConfig(StrictModel):
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    startup: StartupConfig = Field(default_factory=StartupConfig)
+    logs: LogsConfig = Field(default_factory=LogsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

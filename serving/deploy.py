@@ -33,6 +33,7 @@ def app_config(cfg: ServeConfig) -> dict[str, Any]:
         "route_prefix": cfg.route_prefix,
         "import_path": APP_BUILDER,
         "args": {"config_json": cfg.model_dump_json()},
+        "logging_config": {"enable_access_log": cfg.logs.access_log != "disabled"},
     }
 
 

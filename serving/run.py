@@ -31,13 +31,38 @@ def start(cfg: ServeConfig) -> str:
     from serving.deploy import deploy
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Read by Serve's controller and proxy, so they count only for a Ray started below (children inherit).
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(cfg.startup.proxy_ready_timeout_s))
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", str(cfg.startup.proxy_ready_timeout_s))
+    if cfg.logs.access_log != "console":  # every request at INFO on the console drowns the server's own lines
+        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     if cfg.model.startswith("models:/"):
         configure_mlflow()  # sets MLFLOW_TRACKING_URI before Ray starts, so replicas inherit it
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    deploy([cfg])  # declarative: reload can then change the replicas' state in place (serving.deploy)
+    # Declarative, so a reload can change the replicas' state in place (serving.deploy).
+    deploy([cfg], timeout_s=cfg.startup.timeout_s)
     return serve_url(cfg)
+
+
+def _startup_failures() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    from serving.deploy import DeployError
+
+    return (RayError, RayServeException, DeployError, TimeoutError)
+
+
+def startup_failure(exc: BaseException) -> str:
+    """One line: what failed, and what to try."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    what = f"{type(exc).__name__}: {lines[0][:240] if lines else 'no message'}"
+    return (
+        f"{what}. Serve did not come up in time; on a busy machine retry when it is quieter, or raise "
+        "--set startup.proxy_ready_timeout_s=... / startup.timeout_s=... (logs: the Ray session's logs/serve/)"
+    )
 
 
 def serve_forever(cfg: ServeConfig) -> int:
@@ -47,13 +72,18 @@ def serve_forever(cfg: ServeConfig) -> int:
 
     owned_ray = not ray.is_initialized()
     stop = threading.Event()
+    failures = _startup_failures()  # Ray is imported lazily, so the tuple is built here
 
     def _on_signal(signum: int, frame: object) -> None:
         stop.set()
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        url = start(cfg)
+        try:
+            url = start(cfg)
+        except failures as exc:  # operational: one line and what to try, never a traceback
+            print(f"serving: could not start: {startup_failure(exc)}", file=sys.stderr, flush=True)
+            return 1
         print(
             f"LI-DiT serving {cfg.model} at {url}  (POST {url}/v1/images/generations; Ctrl-C stops)",
             flush=True,
