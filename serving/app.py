@@ -44,6 +44,7 @@ from serving.api import GenerationJob, deployment_error
 from serving.config import ServeConfig, hash_key
 from serving.fingerprints import cached_fingerprint
 from serving.ingress import Ingress
+from serving.metrics import BatchMetrics
 from serving.refs import ModelRef, fetch_spec_json, materialize, resolve_ref, tracking_uri_for
 from serving.state import ServedVersion, model_user_config, versions_from_user_config
 
@@ -113,6 +114,7 @@ class BatchWorker(Generic[T]):
     def __init__(self, fn: Callable[[list[Any]], list[T]], max_items: int) -> None:
         self._fn = fn
         self.max_items = max_items
+        self._metrics = BatchMetrics()
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -136,6 +138,7 @@ class BatchWorker(Generic[T]):
             while self._pending:
                 batch = [(i, f) for i, f in self._pending[: self.max_items] if not f.cancelled()]
                 self._pending = self._pending[self.max_items :]
+                self._metrics.batch(len(batch), len(self._pending))
                 if not batch:
                     continue
                 try:

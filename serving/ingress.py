@@ -32,6 +32,7 @@ from serving.api import (
 )
 from serving.config import ServeConfig, hash_key, is_loopback
 from serving.deploy import set_user_configs
+from serving.metrics import IngressMetrics
 from serving.refs import ModelRef, resolve_ref, tracking_uri_for
 from serving.state import ENCODER, GENERATOR, INGRESS, ServedVersion, model_user_config
 
@@ -79,16 +80,12 @@ class Ingress:
         self._reload_lock = asyncio.Lock()
         self._name = cfg.default_model_name()
         self._created = int(time.time())
-        from ray.serve.metrics import Counter
-
-        self._requests = Counter(
-            "lidit_image_requests", "image generation requests by status", tag_keys=("status",)
-        )
-        self._images = Counter("lidit_images_generated", "images returned")
+        self._metrics = IngressMetrics()
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's push of the served version (at start and on every reload): one assignment, atomic here."""
         self._version = ServedVersion.from_user_config(user_config)
+        self._metrics.serving(self._version.ref_at().label)
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -169,6 +166,13 @@ class Ingress:
 
     @api.post(IMAGES_PATH)
     async def generations(self, request: Request) -> JSONResponse:
+        started = time.monotonic()
+        response = await self._generations(request)
+        version = response.headers.get(MODEL_VERSION_HEADER, "")
+        self._metrics.answered(response.status_code, time.monotonic() - started, version)
+        return response
+
+    async def _generations(self, request: Request) -> JSONResponse:
         try:
             self._check_auth(request)
             body = await self._read_body(request)
@@ -183,12 +187,14 @@ class Ingress:
                     headers={"Retry-After": str(self._cfg.queue.retry_after_s)},
                 )
             self._inflight += 1
+            self._metrics.inflight(self._inflight)
             try:
                 result = await asyncio.wait_for(
                     self._generator.generate.remote(ref, job), self._cfg.limits.request_timeout_s
                 )
             finally:
                 self._inflight -= 1
+                self._metrics.inflight(self._inflight)
             if "error" in result:
                 raise APIError(
                     result["status"],
@@ -199,10 +205,8 @@ class Ingress:
                     {"Retry-After": str(self._cfg.queue.retry_after_s)} if result["status"] == 503 else None,
                 )
         except APIError as exc:
-            self._requests.inc(tags={"status": str(exc.status)})
             return _json_error(exc)
         except BackPressureError:
-            self._requests.inc(tags={"status": "503"})
             return _json_error(
                 APIError(
                     503,
@@ -213,14 +217,11 @@ class Ingress:
                 )
             )
         except TimeoutError:
-            self._requests.inc(tags={"status": "504"})
             return _json_error(APIError(504, "generation timed out", "server_error", code="timeout"))
         except Exception:  # a replica died mid-request, etc.: still an OpenAI-shaped answer, details in logs
             logger.exception("generation request failed")
-            self._requests.inc(tags={"status": "500"})
             return _json_error(APIError(500, "internal error while generating", "server_error"))
-        self._requests.inc(tags={"status": "200"})
-        self._images.inc(len(result["images"]))
+        self._metrics.images.inc(len(result["images"]), tags={"model_version": result["version"]})
         data = [
             {"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed}
             for png, seed in zip(result["images"], result["seeds"], strict=True)
