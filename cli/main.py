@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    command = " ".join(
-        ["lidit", args.command] + [v for k, v in vars(args).items() if k.endswith("_command") and v]
-    )
+    words = [v for k, v in vars(args).items() if k.endswith("_command") and v]
+    if args.command == "serve" and args.config == "reload":  # `reload` is serve's positional, not a subparser
+        words.append("reload")
+    command = " ".join(["lidit", args.command, *words])
     from cli.console import configure, tool_console, unconfigure
 
     verbose = args.verbose or os.environ.get("LIDIT_VERBOSE", "") not in ("", "0")

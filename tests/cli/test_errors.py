@@ -29,7 +29,7 @@ def test_reload_against_a_dead_server_is_one_line(capsys: pytest.CaptureFixture)
     url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     assert main(["serve", "reload", "--url", url]) == 1
     line = _one_line(capsys.readouterr().err)
-    assert line.startswith("lidit serve: cannot reach " + url) and "lidit serve CONFIG.yaml" in line
+    assert line.startswith("lidit serve reload: cannot reach " + url) and "lidit serve CONFIG.yaml" in line
 
 
 def test_generate_against_a_dead_server_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
