@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lidit.config import StrictModel, lidit_home
 from lidit.objectives import ObjectiveName, TimestepSampling
+from lidit.presets import PRESETS
 
 
 class ModelSection(StrictModel):
@@ -24,6 +25,14 @@ class ModelSection(StrictModel):
     refiner_depth: int | None = Field(None, ge=0, description="override the preset; 0 = raw LLM states")
     refiner_causal: bool = False
     overrides: dict[str, Any] = Field(default_factory=dict, description="other GeneratorConfig fields")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        # Checked when the config loads (before Ray starts), not first inside a worker.
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return value
 
 
 class OptimSection(StrictModel):

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from cluster import ensure_ray
-from lidit.config import dump_config, load_config
+from lidit.config import ConfigError, dump_config, load_config
 from lidit.registry import configure_mlflow
 from training.args import add_arguments
 from training.config import TrainConfig
@@ -53,6 +53,37 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
+    """Config errors that need the cache, raised on the driver before Ray starts or an MLflow run opens:
+    encoders the cache lacks, generator overrides that are not GeneratorConfig fields or do not fit the preset,
+    a batch no bucket can fill. Each is one-line `ConfigError` naming the key and what it may be."""
+    from pydantic import ValidationError
+
+    from training.data import CacheIndex
+    from training.loop import build_generator_config
+
+    missing = [n for n in cfg.model.encoders or [] if n not in reader.encoder_names]
+    if missing:
+        raise ConfigError(
+            f"model.encoders: {', '.join(missing)} not in the cache {reader.uri}; "
+            f"choose from {', '.join(reader.encoder_names)}"
+        )
+    try:
+        build_generator_config(cfg, reader)
+    except TypeError as exc:  # e.g. model.overrides repeating a key the preset call already passes
+        raise ConfigError(f"model.overrides: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"model (preset {cfg.model.preset} + model.overrides): {problems}") from None
+    try:
+        warnings = CacheIndex.build(reader).check(cfg.batch_size)
+    except ValueError as exc:
+        raise ConfigError(f"batch_size: {exc}") from None
+    # Rows that can never train are a warning, not an error: the run goes on without them.
+    for warning in warnings:
+        print(f"[train] warning: {warning}", file=sys.stderr, flush=True)
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training to `cfg.steps`; returns the summary printed by `--json`."""
     import mlflow
@@ -60,14 +91,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from lidit.cache.reader import CacheReader
-    from training.data import CacheIndex
     from training.loop import train_loop_per_worker
 
     started = time.perf_counter()
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
-    # Fail here, not in every worker, when no bucket can fill a batch; say which rows can never train.
-    for warning in CacheIndex.build(reader).check(cfg.batch_size):
-        print(f"[train] warning: {warning}", file=sys.stderr, flush=True)
+    check_against_cache(cfg, reader)  # every config error before Ray starts and before the MLflow run
     ensure_ray()
     run_id = mlflow_run(cfg)
     trainer = TorchTrainer(
@@ -118,12 +146,17 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config from CONFIG + flags; a bad key or value is a one-line `ConfigError` naming it."""
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     if args.workers is not None:
         overrides.append(f"scale.workers={args.workers}")
-    return load_config(TrainConfig, args.config, overrides)
+    try:
+        return load_config(TrainConfig, args.config, overrides)
+    except ConfigError as exc:  # one line per problem -> one line: `header key: message; key: message`
+        head, *problems = str(exc).splitlines()
+        raise ConfigError(f"{head} {'; '.join(p.strip() for p in problems)}".strip()) from None
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -141,7 +174,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__)
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    try:
+        return run_from_args(parser.parse_args(argv))
+    except ConfigError as exc:  # what `lidit train` does too: one line, exit code 2, nothing started
+        print(f"python -m training.train: config error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

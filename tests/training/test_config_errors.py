@@ -1,0 +1,93 @@
+"""Training config errors are caught on the driver before Ray starts or an MLflow run opens: one line naming the
+key and what it may be, exit code 2. In-process and Ray-free: starting Ray or MLflow fails the test."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import lidit.cache.reader
+import training.data
+import training.train
+from lidit.config import ConfigError
+from training.config import TrainConfig
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*_: object, **__: object) -> None:
+        raise AssertionError("Ray or MLflow started before the config was checked")
+
+    monkeypatch.setattr(training.train, "ensure_ray", forbidden)
+    monkeypatch.setattr(training.train, "mlflow_run", forbidden)
+
+
+class FakeReader:
+    """What the driver's checks read from a cache: its encoders, their widths, the VAE's channels."""
+
+    uri = "/caches/fake"
+    encoder_names = ["llama", "qwen2"]
+    manifest = SimpleNamespace(
+        encoder=lambda name: SimpleNamespace(hidden_size=32), vae=SimpleNamespace(latent_channels=4)
+    )
+
+    def __init__(self, *_: object, **__: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("model.preset=XL", "model.preset", "tiny, S, B, LI-DiT-1B, LI-DiT-10B"),
+        ("scale.strategy=zero3", "scale.strategy", "'auto', 'fsdp' or 'replicate'"),
+        ("model.objective=score", "model.objective", "flow"),
+        ("scale.mixed_precision=fp8", "scale.mixed_precision", "'bf16'"),
+        ("modle.preset=S", "modle", "unknown key"),
+    ],
+)
+def test_bad_value_exits_2_with_one_line(
+    override: str, key: str, allowed: str, nothing_starts: None, capsys: pytest.CaptureFixture
+) -> None:
+    assert training.train.main(["--set", override, "--steps", "3"]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    lines = out.err.splitlines()
+    assert len(lines) == 1, out.err
+    assert key in lines[0] and allowed in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("model", "key", "named"),
+    [
+        (
+            {"encoders": ["llama", "t5"]},
+            "model.encoders",
+            "t5 not in the cache /caches/fake; choose from llama, qwen2",
+        ),
+        ({"overrides": {"heads": 5}}, "model.overrides", "divisible by heads 5"),
+        ({"overrides": {"depht": 3}}, "model.overrides", "depht"),
+    ],
+)
+def test_cache_dependent_errors_are_raised_before_ray(
+    model: dict, key: str, named: str, nothing_starts: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lidit.cache.reader, "CacheReader", FakeReader)
+    cfg = TrainConfig.model_validate({"cache": FakeReader.uri, "model": model})
+    with pytest.raises(ConfigError) as err:
+        training.train.run_training(cfg)
+    message = str(err.value)
+    assert "\n" not in message and key in message and named in message, message
+
+
+def test_a_good_config_reaches_ray(nothing_starts: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks pass a valid config through (the fake cache has no rows, so stub the batch check)."""
+    monkeypatch.setattr(lidit.cache.reader, "CacheReader", FakeReader)
+    monkeypatch.setattr(
+        training.data.CacheIndex,
+        "build",
+        classmethod(lambda cls, reader: SimpleNamespace(check=lambda b: [])),
+    )
+    cfg = TrainConfig.model_validate({"cache": FakeReader.uri, "model": {"encoders": ["qwen2"]}})
+    with pytest.raises(AssertionError, match="Ray or MLflow started"):
+        training.train.run_training(cfg)
