@@ -5,7 +5,12 @@
 Without --model it builds the tiny test export (two tiny LMs, tiny VAE, tiny generator) in a temp dir. It
 starts local Ray + Serve on 127.0.0.1, deploys the app once with batching and once without (batches of one),
 drives it with closed-loop async HTTP clients, and writes `benchmarks/results/serve_load.{md,json}`.
-Goals (issue 6): batched >= 3x unbatched throughput at concurrency 16; p99 <= 2x p50 below capacity.
+Goals (issues 6, 15): batched >= unbatched throughput at every concurrency, >= 3x at concurrency 16, batched
+p50 at concurrency 1 within 1.2x of unbatched; p99 <= 2x p50 below capacity.
+
+The step-time curve (Ray-free, before the load test) times the generator replica's batch work itself,
+`LiDiTPipeline.generate_from_features` (CFG + sampler + VAE decode), at each batch size: when the time per
+batch grows in proportion to the batch, the CPU is already busy at batch 1 and batching cannot add throughput.
 """
 
 from __future__ import annotations
@@ -86,6 +91,35 @@ def build_tiny_model(root: Path) -> str:
     return str(build_export(root / "export", encoders, vae, seed=1))
 
 
+def step_curve(model: str, sizes: list[int], steps: int, hw: tuple[int, int], repeats: int = 3) -> list[dict]:
+    """Seconds per generator batch (best of `repeats`) at each batch size, on the code serving runs."""
+    import torch
+
+    from lidit.pipeline import LiDiTPipeline
+
+    # One thread, as in the generator replica (Ray sets OMP_NUM_THREADS to its 1 CPU): a 2-thread torch on
+    # a box whose cores other jobs hold spins in OpenMP barriers (seen: 44 s for one 8-step 64 px batch).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pipe = LiDiTPipeline.from_pretrained(model)
+    rows = []
+    for b in sizes:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
+        texts = pipe.encode(prompts)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            pipe.generate_from_features(texts, list(range(b)), hw[1], hw[0], steps, 4.0)
+            best = min(best, time.perf_counter() - t0)
+        rows.append({"batch": b, "seconds": round(best, 4), "images_per_s": round(b / best, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    rows_one = rows[0]["seconds"]
+    for r in rows:
+        r["vs_batch_1"] = round(r["seconds"] / rows_one, 2)  # 1.0 = free batching, = batch = none
+    torch.set_num_threads(threads)
+    return rows
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,11 +138,12 @@ def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     os.environ.setdefault("LIDIT_HOME", str(tmp / "home"))
     model = args.model or build_tiny_model(tmp)
+    w, h = (int(x) for x in args.size.split("x"))
+    curve = step_curve(model, args.curve_sizes, args.steps, (w, h)) if args.curve_sizes else []
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    w, h = (int(x) for x in args.size.split("x"))
     body = {"size": args.size, "num_inference_steps": args.steps, "n": 1}
     rows = []
     try:
@@ -160,12 +195,26 @@ def run(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
         },
         "rows": rows,
+        "step_curve": curve,
     }
 
 
 def verdicts(result: dict) -> list[str]:
     rows = {(r["batching"], r["concurrency"]): r for r in result["rows"]}
     out = []
+    for c in sorted({c for _, c in rows}):
+        on, off = rows.get((True, c)), rows.get((False, c))
+        if on and off and off["throughput_rps"]:
+            ratio = on["throughput_rps"] / off["throughput_rps"]
+            out.append(
+                f"- c={c}: batched / unbatched throughput {ratio:.2f}x (goal >= 1: {'met' if ratio >= 1 else 'MISSED'})"
+            )
+    on1, off1 = rows.get((True, 1)), rows.get((False, 1))
+    if on1 and off1 and off1["p50_s"]:
+        q = on1["p50_s"] / off1["p50_s"]
+        out.append(
+            f"- c=1: batched p50 / unbatched p50 = {q:.2f} (goal <= 1.2: {'met' if q <= 1.2 else 'MISSED'})"
+        )
     top = max(c for _, c in rows)
     on, off = rows.get((True, top)), rows.get((False, top))
     if on and off and off["throughput_rps"]:
@@ -202,6 +251,18 @@ def write(result: dict, out_dir: Path, tag: str = "") -> None:
             f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
             f"{r['throughput_rps']:.2f} | {r['p50_s']} | {r['p99_s']} | {r.get('mean_generator_batch', '')} |"
         )
+    if result.get("step_curve"):
+        lines += [
+            "",
+            "## Generator step time by batch size (Ray-free, `LiDiTPipeline.generate_from_features`)",
+            "",
+            "| batch | seconds per batch | images/s | time vs batch 1 |",
+            "|---:|---:|---:|---:|",
+            *(
+                f"| {r['batch']} | {r['seconds']} | {r['images_per_s']} | {r['vs_batch_1']}x |"
+                for r in result["step_curve"]
+            ),
+        ]
     lines += ["", "## Goals", "", *verdicts(result), ""]
     (out_dir / f"serve_load{'_' + tag if tag else ''}.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -218,6 +279,13 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ServeConfig override")
     p.add_argument("--tag", default="", help="suffix of the results files (serve_load_TAG.md)")
+    p.add_argument(
+        "--curve-sizes",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4, 8, 16],
+        help="step-time curve batch sizes (none: skip)",
+    )
     args = p.parse_args()
     write(run(args), args.out, args.tag)
     return 0
