@@ -1,7 +1,8 @@
 """The per-worker training loop (runs inside Ray Train workers).
 
-Every worker builds the same generator from the same seed, wraps it for data parallelism (FSDP2 or replicas,
-`scale.strategy`), reads its split of the cache, and takes exactly `steps` steps (collectives need the same
+Every worker builds the generator on the meta device, wraps it for data parallelism (FSDP2 or replicas,
+`scale.strategy`), materialises only what it holds and initialises it from the seed (the same weights on every
+rank), reads its split of the cache, and takes exactly `steps` steps (collectives need the same
 count everywhere). The step itself is `training.step.train_step`, the same function the benchmarks time.
 Randomness per step (noise, timesteps, CFG drops) comes from a generator seeded by (seed, rank, step), so a
 resumed run draws the same numbers as an uninterrupted one. Losses stay on the device between logs: one
@@ -26,10 +27,16 @@ from torch.distributed.device_mesh import init_device_mesh
 from lidit.cache.contract import manifest_name
 from lidit.cache.reader import CacheReader, batch_to_training_inputs
 from lidit.encoder import EncoderConfig
-from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec, TextFeatures
+from lidit.generator import (
+    GeneratorConfig,
+    LiDiTGenerator,
+    TextBranchSpec,
+    TextFeatures,
+    count_parameters,
+)
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
-from training.parallelize import parallelize, resolve_strategy
+from training.parallelize import build_parallel, resolve_strategy
 from training.state import EMA
 from training.step import MetricWindow, build_optimizer, step_generator, train_step
 
@@ -68,12 +75,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
     gen_config = build_generator_config(cfg, reader)
-    torch.manual_seed(cfg.seed)  # same init on every rank before sharding
-    model = LiDiTGenerator(gen_config).to(device)
     mesh = init_device_mesh(device.type, (world,))
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = count_parameters(gen_config)
     strategy = resolve_strategy(cfg.scale.strategy, device.type, world, num_params, bf16)
-    parallelize(model, mesh, bf16, cfg.scale.activation_checkpointing, cfg.scale.compile, strategy)
+    # Built on the meta device, sharded, then materialised: no rank ever holds the full model (at 10B, 40 GB).
+    # The weights depend on the seed only, alike on every rank (training.parallelize.init_weights).
+    model = build_parallel(
+        gen_config,
+        mesh,
+        device,
+        cfg.seed,
+        strategy,
+        bf16,
+        cfg.scale.activation_checkpointing,
+        cfg.scale.compile,
+    )
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     train_state = torch.zeros(3, dtype=torch.long)  # step, epoch, position in epoch

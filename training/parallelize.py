@@ -10,11 +10,16 @@ FSDP2 all-gathers every block's weights twice a step, reduce-scatters its gradie
 clipping and EMA through DTensor dispatch, while a replica needs one gradient all-reduce, overlapped with
 backward (measured: benchmarks/results/train_strategies.md for the step alone, train_throughput.md for runs).
 
+Construction (torchtitan's order): `build_on_meta` (no storage), `parallelize`, `to_empty`, `init_weights`.
+No rank ever holds more than its shards plus one block's full weights on the CPU, while they are initialised.
+
 `lidit/` stays single-device; everything distributed lives here.
 """
 
 from __future__ import annotations
 
+import hashlib
+from itertools import chain
 from typing import Literal
 
 import torch
@@ -23,8 +28,10 @@ from torch.distributed._composable import replicate
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lidit.generator import LiDiTGenerator
+from lidit.generator import GeneratorConfig, LiDiTGenerator
+from training.state import clean_name
 
 Strategy = Literal["fsdp", "replicate", "single"]
 
@@ -95,3 +102,105 @@ def parallelize(
     elif strategy != "single":
         raise ValueError(f"unknown resolved strategy {strategy!r}")
     return model
+
+
+def build_parallel(
+    config: GeneratorConfig,
+    mesh: DeviceMesh,
+    device: torch.device,
+    seed: int,
+    strategy: Strategy,
+    bf16: bool = False,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+) -> LiDiTGenerator:
+    """Meta build -> `parallelize` -> `to_empty(device)` -> `init_weights`: the full model never exists on a rank.
+
+    FSDP2 shards the meta model first, so `to_empty` allocates this rank's shards only. Replicas need real
+    weights to wrap (the composable `replicate` broadcasts rank 0's), so they are materialised first; every rank
+    initialises the same weights either way.
+    """
+    model = build_on_meta(config)
+    if strategy == "fsdp":
+        parallelize(model, mesh, bf16, activation_checkpointing, compile_blocks, strategy)
+        model.to_empty(device=device)
+        return init_weights(model, config, seed)
+    model.to_empty(device=device)
+    init_weights(model, config, seed)
+    return parallelize(model, mesh, bf16, activation_checkpointing, compile_blocks, strategy)
+
+
+def build_on_meta(config: GeneratorConfig) -> LiDiTGenerator:
+    """The generator with every parameter on the meta device: shapes only, no storage, no random draws."""
+    with torch.device("meta"):
+        return LiDiTGenerator(config)
+
+
+def _unit_seed(seed: int, unit: str) -> int:
+    # Not hash(): str hashes are salted per process, and every rank (and every restart) must agree.
+    return int.from_bytes(hashlib.sha256(f"{seed}/{unit}".encode()).digest()[:8], "little") % (2**63)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, config: GeneratorConfig, seed: int) -> nn.Module:
+    """Initialise `model` (a `LiDiTGenerator` after `to_empty`: plain, wrapped or FSDP2-sharded) in place.
+
+    The rule is the generator's own: each module's `reset_parameters` (what an eager constructor draws), then
+    `LiDiTGenerator.initialize_weights` (Xavier, adaLN-Zero). It runs unit by unit on a CPU twin built on the
+    meta device: each repeated block (the FSDP units) and then everything outside the blocks is materialised on
+    the CPU alone, drawn from a generator seeded by (`seed`, the unit's name), initialised, copied into this
+    rank's shard (`distribute_tensor(..., src_data_rank=None)`: every rank computes the same full unit, so
+    no communication), and dropped. So:
+
+    - every rank, strategy and world size gets the same weights (a function of `seed` and the config only);
+    - an eager model given the same call (`init_weights(LiDiTGenerator(config), config, seed)`) is bit-equal;
+    - it is *not* the stream of `torch.manual_seed(seed); LiDiTGenerator(config)`, whose draws depend on the
+      order of every module before; same distributions and zeros, other numbers (tests/training/test_meta_init.py);
+    - peak extra memory is one block's full fp32 weights (what FSDP all-gathers for a step anyway).
+    The global RNG is left as it was.
+    """
+    twin = build_on_meta(config)
+    targets = {clean_name(n): t for n, t in chain(model.named_parameters(), model.named_buffers())}
+    done: set[str] = set()
+    names = {id(m): n for n, m in twin.named_modules()}
+    blocks = [(f"{names[id(c)]}.{i}", c[i]) for c, i in repeated_blocks(twin)]
+    inside = {f"{p}.{n}" if n else p for p, b in blocks for n, _ in b.named_modules()}
+    rest = [(n, m) for n, m in twin.named_modules() if n not in inside]
+    units = [(p, [(f"{p}.{n}" if n else p, m) for n, m in b.named_modules()]) for p, b in blocks]
+    units.append(("<root>", rest))
+    for unit, modules in units:
+        for _, module in modules:
+            module.to_empty(device="cpu", recurse=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_unit_seed(seed, unit))
+            for _, module in modules:
+                if (
+                    hasattr(module, "reset_parameters")
+                    and next(chain(module.parameters(recurse=False), module.buffers(recurse=False)), None)
+                    is not None
+                ):
+                    module.reset_parameters()
+            LiDiTGenerator.initialize_weights(twin)  # real only for this unit; meta elsewhere (no-ops)
+        for prefix, module in modules:
+            for name, full in chain(
+                module.named_parameters(recurse=False), module.named_buffers(recurse=False)
+            ):
+                key = f"{prefix}.{name}" if prefix else name
+                _copy_into(targets[key], full)
+                done.add(key)
+            module.to_empty(device="meta", recurse=False)
+    missed = sorted(set(targets) - done)
+    if missed:
+        raise RuntimeError(f"init_weights left {missed} uninitialised")
+    return model
+
+
+def _copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Write a full CPU tensor into a plain tensor or into this rank's shard of a DTensor."""
+    if isinstance(target, DTensor):
+        shard = distribute_tensor(
+            full.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None
+        ).to_local()
+        target.to_local().copy_(shard)
+    else:
+        target.copy_(full)
