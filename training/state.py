@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -60,12 +61,22 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Gathered plain tensors with clean names; a collective: every rank must call it."""
+    def full_state_dict(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """Full fp32 CPU tensors with clean names, for export; a collective under FSDP2: every rank calls it.
+
+        With `rank0_only` (the default) only rank 0 keeps them and the other ranks get `{}`: one parameter
+        is gathered at a time and dropped at once everywhere else, so no other rank ever holds more than one
+        full parameter (the EMA counterpart of `get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))`, which also keeps the result on rank 0 only). Replicas
+        already hold full tensors; the other ranks skip the copy. Outside a process group, rank 0.
+        """
+        keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
         out = {}
         for name, t in self.shadow.items():
-            full = t.full_tensor() if isinstance(t, DTensor) else t
-            out[clean_name(name)] = full.detach().float().cpu()
+            full = t.full_tensor() if isinstance(t, DTensor) else t  # all-gather of one parameter
+            if keep:
+                out[clean_name(name)] = full.detach().to("cpu", torch.float32, copy=True)
+            del full
         return out
 
 
