@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_serve_arguments(srv)
     srv.add_argument("--url", help="reload: base URL of the running server")
     srv.add_argument("--model", help="reload: switch to this model URI instead of re-resolving the alias")
-    srv.add_argument("--api-key", help="reload: API key (default $LIDIT_API_KEY)")
+    srv.add_argument("--api-key", help="reload: the admin key (default $LIDIT_ADMIN_KEY)")
     srv.set_defaults(handler=_serve)
 
     gen = sub.add_parser("generate", help="prompt(s) -> PNG files, against a running server")
@@ -122,17 +122,17 @@ def _reload(args: argparse.Namespace) -> int:
     try:
         result = reload(args.url, args.model, args.api_key)
     except ServerError as exc:
-        raise server_error(exc) from None
+        raise server_error(exc, key_hint="pass --api-key ADMIN_KEY or set $LIDIT_ADMIN_KEY") from None
     print(json.dumps(result))
     return 0
 
 
-def server_error(exc: object) -> CommandError:
-    """A non-2xx answer as one line, with what to do for the status."""
+def server_error(exc: object, key_hint: str = "pass --api-key KEY or set $LIDIT_API_KEY") -> CommandError:
+    """A non-2xx answer as one line, with what to do for the status (`key_hint` for 401/403)."""
     status = getattr(exc, "status", 0)
     todo = {
-        401: "pass --api-key KEY or set $LIDIT_API_KEY",
-        403: "pass --api-key KEY or set $LIDIT_API_KEY",
+        401: key_hint,
+        403: key_hint,
         404: "check --url (and its route prefix) and --model",
         503: "the server is busy or still loading: retry in a few seconds",
     }.get(status, "fix the request (see the message)" if 400 <= status < 500 else "see the server's log")

@@ -24,9 +24,9 @@ def serve_url(cfg: ServeConfig) -> str:
 
 def start(cfg: ServeConfig) -> str:
     """Deploy `cfg` on the current (or a new local) Ray; returns the base URL once the app is healthy."""
-    import ray
     from ray import serve
 
+    from cluster import ensure_ray
     from lidit.registry import configure_mlflow
     from serving.deploy import deploy
 
@@ -38,8 +38,7 @@ def start(cfg: ServeConfig) -> str:
         os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     if cfg.model.startswith("models:/"):
         configure_mlflow()  # sets MLFLOW_TRACKING_URI before Ray starts, so replicas inherit it
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ensure_ray(log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     # Declarative, so a reload can change the replicas' state in place (serving.deploy).
     deploy([cfg], timeout_s=cfg.startup.timeout_s)
