@@ -320,7 +320,7 @@ def run_experiment(
     _log(f"{cfg.name}: {len(cfg.variants)} variants x {len(cfg.seeds)} seeds, work dir {work}")
     assets = build_starter(cfg.starter or home / "starter", preset=cfg.starter_preset, progress=True)
     configure_mlflow(cfg.name)  # before Ray starts, so training workers inherit the tracking URI
-    started = ensure_ray()  # joins a running Ray, else starts a local one (cluster's one sizing rule)
+    started = ensure_ray()  # $RAY_ADDRESS's cluster, else a private local one (cluster's sizing rule)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     try:
         t0 = time.perf_counter()

@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     assets = build_starter(home / "starter", preset=args.preset, progress=True)
     stage("starter", t0)
 
-    # One Ray for every stage (cluster.ensure_ray: join a running one, else a local one sized for fractional
-    # actors + tasks).
+    # One Ray for every stage (cluster.ensure_ray: the cluster $RAY_ADDRESS names, else a private local one
+    # sized for fractional actors + tasks).
     started_ray = ensure_ray()
     url = None
     try:

@@ -5,9 +5,12 @@ place all of them (and the `lidit` command) can share is this small package; it 
 
 Which Ray (same rule for every stage):
 1. Ray already initialised in this process: use it (the caller does not own it).
-2. `address` (or `$RAY_ADDRESS`) names a cluster: join it.
-3. No address: join a head started on this machine (`ray start --head`) if there is one...
-4. ...else, or with `RAY_ADDRESS=local`, start a private local Ray sized by `local_ray_options`.
+2. `address` (or `$RAY_ADDRESS`) names a cluster: join it (`auto` = the head `ray start --head` started here).
+3. No address (or `local`): start a private local Ray sized by `local_ray_options`.
+
+Joining is never implicit: `ray.init()`'s own default joins *any* Ray running on the machine, a test
+session's or another job's included, and a quickstart that joined one died with it ("owner's node has
+crashed") when that job ended.
 """
 
 from __future__ import annotations
@@ -59,11 +62,6 @@ def ensure_ray(
     if address and address != LOCAL:
         ray.init(address=address, **common)
         return False
-    if address != LOCAL:
-        try:
-            ray.init(address="auto", **common)
-            return False
-        except (ConnectionError, RuntimeError):  # no head on this machine
-            pass
-    ray.init(**local_ray_options(num_cpus, object_store_mb), **common)
+    # address=LOCAL keeps ray.init from reading $RAY_ADDRESS or joining a Ray found on the machine.
+    ray.init(address=LOCAL, **local_ray_options(num_cpus, object_store_mb), **common)
     return True
