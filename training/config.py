@@ -80,7 +80,12 @@ class TrackingSection(StrictModel):
     registered_model: str | None = "lidit-starter"
     alias: str | None = "production"
     log_every: int = Field(10, ge=1)
-    sample_every: int = Field(0, ge=0, description="sample grid every N steps (0 = only at the end)")
+    sample_every: int = Field(
+        0,
+        ge=0,
+        description="sample grid every N steps with 1 worker (0 = only at the end); with 2+ workers grids are "
+        "drawn only after the last step, so they never stall the other ranks (training.loop.intermediate_sampling)",
+    )
     num_samples: int = Field(8, ge=0)
     sample_steps: int = Field(20, ge=1)
     guidance_scale: float = 4.0

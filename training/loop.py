@@ -108,6 +108,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step, epoch, position = (int(x) for x in train_state)
 
     tracker = RankZeroTracker(cfg, loop_config, reader, gen_config, names) if rank == 0 else None
+    sample_every, reason = intermediate_sampling(cfg.tracking.sample_every, world)
+    if reason and rank == 0:
+        print(f"[train] {reason}", flush=True)
     per_worker = cfg.batch_size // world
     batches = bucketed_batches(reader, per_worker, rank, world, cfg.seed, epoch, position)
     fail_marker = Path(cfg.storage_path) / cfg.name / ".failed_once"
@@ -147,8 +150,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "epoch": epoch,
                     },
                 )
-        if cfg.tracking.sample_every and done % cfg.tracking.sample_every == 0 and done < cfg.steps:
-            weights = ema.full_state_dict()
+        if sample_every and done % sample_every == 0 and done < cfg.steps:
+            weights = ema.full_state_dict()  # one worker: nobody to stall (see intermediate_sampling)
             if tracker:
                 tracker.log_samples(done, weights)
         metrics = {"step": done, "loss": loss_value, "epoch": epoch}
@@ -159,12 +162,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report({"step": last_step, "loss": loss_value, "done": False})
         return
 
-    # Export the EMA generator and register it (rank 0); every rank joins the gather and the final report.
+    # Export the EMA generator, draw the final grid and register (rank 0). Every rank joins the gather (one
+    # parameter at a time, kept on rank 0 only); after it no collective is pending, so the other ranks report
+    # and finish while rank 0 samples on its CPU, and no collective can time out waiting for it.
     weights = ema.full_state_dict()
     final: dict[str, Any] = {"step": cfg.steps, "loss": loss_value, "done": True}
     if tracker:
         final.update(tracker.finish(weights))
     ray.train.report(final)
+
+
+def intermediate_sampling(sample_every: int, world: int) -> tuple[int, str | None]:
+    """`tracking.sample_every` as this run honours it, and why not when it cannot.
+
+    A grid is drawn on rank 0 from the gathered EMA weights on its CPU. With one worker that only pauses the
+    run; with several, the other ranks would sit in their next step's collective until rank 0 is done, and on
+    NCCL a grid that outlasts the collective timeout kills the job. So with 2+ workers intermediate grids are
+    skipped (said once) and the grid is drawn after the loop, where nothing waits on a collective.
+    """
+    if not sample_every or world == 1:
+        return sample_every, None
+    return 0, (
+        f"tracking.sample_every={sample_every} skipped: with {world} workers an intermediate grid would "
+        "stall the other ranks in their next collective; the sample grid is drawn after the last step"
+    )
 
 
 def save_and_report(model: Any, optim: Any, ema: EMA, train_state: torch.Tensor, metrics: dict) -> None:

@@ -56,7 +56,7 @@ def test_loss_goes_down_and_version_generates(micro_cache: str, tmp_path: Path) 
         "loss-down",
         steps=30,
         optim={"lr": 3e-3, "warmup_steps": 3},
-        tracking={"registered_model": "test-lidit", "alias": "candidate", "log_every": 5},
+        tracking={"registered_model": "test-lidit", "alias": "candidate", "log_every": 5, "sample_every": 10},
     )
     summary = run_training(cfg)
     assert summary["steps"] == 30 and summary["model_version"] is not None
@@ -71,6 +71,9 @@ def test_loss_goes_down_and_version_generates(micro_cache: str, tmp_path: Path) 
     assert any(k.startswith("encoder.") for k in version.tags)
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
     assert {"pipeline", "plots", "samples"} <= artifacts
+    # 2 workers: no intermediate grid stalls the other ranks; the one grid is drawn after the last step.
+    samples = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "samples")}
+    assert samples == {"samples/step_000030.png", "samples/prompts.txt"}, samples
 
     pipe = LiDiTPipeline.from_pretrained(fetch_pipeline("models:/test-lidit@candidate"))
     images = pipe(["a red circle"], num_inference_steps=3, height=64, width=64, seed=0)
