@@ -14,6 +14,7 @@ race; one reload per app at a time is serialised by the ingress).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -26,15 +27,25 @@ class DeployError(RuntimeError):
     """The app did not reach RUNNING: the message says what Serve reported and what to try."""
 
 
+# Where the deploying process finds its models. The app's builder task and its replicas run in workers of a Ray
+# that may have been started earlier, with another environment (a test session's Ray, another command's):
+# without these they resolve `models:/` against that environment's MLflow store and find nothing.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "LIDIT_HOME")
+
+
 def app_config(cfg: ServeConfig) -> dict[str, Any]:
     """The declarative application entry for `cfg` (the whole config travels as JSON in the builder args)."""
-    return {
+    entry: dict[str, Any] = {
         "name": cfg.app_name,
         "route_prefix": cfg.route_prefix,
         "import_path": APP_BUILDER,
         "args": {"config_json": cfg.model_dump_json()},
         "logging_config": {"enable_access_log": cfg.logs.access_log != "disabled"},
     }
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if env:
+        entry["runtime_env"] = {"env_vars": env}
+    return entry
 
 
 def _client() -> Any:

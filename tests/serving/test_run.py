@@ -35,3 +35,21 @@ def test_startup_and_log_settings() -> None:
     assert app_config(cfg)["logging_config"] == {"enable_access_log": True}
     off = load_config(ServeConfig, None, ["logs.access_log=disabled"])
     assert app_config(off)["logging_config"] == {"enable_access_log": False}
+
+
+def test_the_app_carries_the_deploying_process_model_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray started earlier with another environment must still resolve `models:/` against this store."""
+    from serving.deploy import app_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/somewhere/mlflow.db")
+    monkeypatch.setenv("LIDIT_HOME", "/tmp/somewhere")
+    cfg = load_config(ServeConfig, None, [])
+    assert app_config(cfg)["runtime_env"] == {
+        "env_vars": {
+            "MLFLOW_TRACKING_URI": "sqlite:////tmp/somewhere/mlflow.db",
+            "LIDIT_HOME": "/tmp/somewhere",
+        }
+    }
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("LIDIT_HOME")
+    assert "runtime_env" not in app_config(cfg)
