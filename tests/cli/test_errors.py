@@ -9,14 +9,9 @@ import pytest
 
 from cli.errors import operational_error
 from cli.main import main
+from tests.ports import free_port
 
 SERVE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "starter" / "serve.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one_line(err: str) -> str:
@@ -26,14 +21,14 @@ def _one_line(err: str) -> str:
 
 
 def test_reload_against_a_dead_server_is_one_line(capsys: pytest.CaptureFixture) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert main(["serve", "reload", "--url", url]) == 1
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("lidit serve reload: cannot reach " + url) and "lidit serve CONFIG.yaml" in line
 
 
 def test_generate_against_a_dead_server_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     assert main(["generate", "--url", url, "--prompt", "a red circle", "--out", str(tmp_path)]) == 1
     assert "cannot reach " + url in _one_line(capsys.readouterr().err)
 
@@ -59,7 +54,7 @@ def test_serve_of_an_unregistered_model_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # an empty registry
-    port = str(_free_port())
+    port = str(free_port())
     args = ["serve", str(SERVE_CONFIG), "--port", port, "--set", "model=models:/not-trained@production"]
     assert main(args) == 1
     line = _one_line(capsys.readouterr().err)
@@ -67,7 +62,7 @@ def test_serve_of_an_unregistered_model_is_one_line(
 
 
 def test_serve_of_a_missing_export_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["serve", str(SERVE_CONFIG), "--port", str(_free_port()), "--set", f"model={tmp_path}/gone"]
+    args = ["serve", str(SERVE_CONFIG), "--port", str(free_port()), "--set", f"model={tmp_path}/gone"]
     assert main(args) == 1
     assert "no pipeline.json" in _one_line(capsys.readouterr().err)
 

@@ -6,7 +6,6 @@ and `strict` (local export dir, bearer auth, tiny admission bound for the overlo
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.ports import free_port
 from tests.serving.export import build_export, build_shared_assets, register_exports
 
 MODEL_NAME = "lidit-serve-test"
@@ -46,12 +46,6 @@ def serving_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regis
     mp.undo()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Served:
     url: str  # main app
@@ -82,7 +76,7 @@ def served(serving_registry: Registry, request: pytest.FixtureRequest) -> Iterat
     from serving.deploy import deploy
 
     reg = serving_registry
-    port = _free_port()
+    port = free_port()
     key_file = reg.root / "api_key"
     key_file.write_text(API_KEY + "\n")
     main_cfg = load_config(
