@@ -9,9 +9,14 @@ from cli.common import group_help
 
 
 def _build(args: argparse.Namespace) -> int:
+    from cli.common import CommandError
     from pipelines.build import run_from_args  # imported here: `lidit --help` must not import Ray
+    from pipelines.commit import CommitConflictError
 
-    return run_from_args(args)
+    try:
+        return run_from_args(args)
+    except CommitConflictError as exc:
+        raise CommandError(str(exc), exc.hint) from exc
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from lidit.cache.storage import Location, file_fingerprint, open_location
-from lidit.config import StrictModel
+from lidit.config import ConfigError, StrictModel
 from lidit.fingerprint import hash_json
+
+if TYPE_CHECKING:
+    from pipelines.tasks import UnitTask
 
 
 class SourceConfig(StrictModel):
@@ -56,7 +59,7 @@ def _detect_format(loc: Location, cfg: SourceConfig) -> str:
     if loc.path.endswith(".parquet"):
         return "parquet"
     if not loc.fs.exists(loc.path):
-        raise FileNotFoundError(f"source not found: {cfg.uri}")
+        raise ConfigError(f"sources: source not found: {cfg.uri}")
     if loc.fs.isdir(loc.path) and any(p.endswith(".parquet") for p in loc.fs.find(loc.path)):
         return "parquet"
     return "images"
@@ -71,7 +74,7 @@ def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceF
     loc = open_location(cfg.uri, storage_options)
     fmt = _detect_format(loc, cfg)
     if not loc.fs.exists(loc.path):
-        raise FileNotFoundError(f"source not found: {cfg.uri}")
+        raise ConfigError(f"sources: source not found: {cfg.uri}")
     if fmt == "parquet":
         if loc.fs.isdir(loc.path):
             found = loc.fs.find(loc.path, detail=True)
@@ -79,7 +82,7 @@ def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceF
         else:
             infos = [loc.fs.info(loc.path)]
         if not infos:
-            raise FileNotFoundError(f"no .parquet files under {cfg.uri}")
+            raise ConfigError(f"sources: no .parquet files under {cfg.uri}")
         out = []
         for info in infos:
             path = info["name"]
@@ -88,7 +91,9 @@ def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceF
                 names = pf.schema_arrow.names
                 for col in (cfg.image_column, cfg.caption_column):
                     if col not in names:
-                        raise ValueError(f"{loc.uri_of(path)}: no column {col!r} (columns: {names})")
+                        raise ConfigError(
+                            f"sources: {loc.uri_of(path)}: no column {col!r} (columns: {names})"
+                        )
                 rows = pf.metadata.num_rows
                 if cfg.id_column and cfg.id_column in names:
                     ids = [
@@ -102,12 +107,12 @@ def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceF
         return out
     # image folder: one SourceFile for the whole folder
     if not loc.fs.isdir(loc.path):
-        raise ValueError(f"image source must be a folder: {cfg.uri}")
+        raise ConfigError(f"sources: image source must be a folder: {cfg.uri}")
     found = loc.fs.find(loc.path, detail=True)
     lower = {p: p.lower() for p in found}
     images = sorted(p for p in found if lower[p].endswith(IMAGE_EXTENSIONS))
     if not images:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {cfg.uri}")
+        raise ConfigError(f"sources: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {cfg.uri}")
     files, ids = [], []
     for p in images:
         cap = posixpath.splitext(p)[0] + cfg.caption_extension
@@ -119,10 +124,29 @@ def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceF
     return [SourceFile(cfg, fmt, loc.uri, loc.path, fingerprint, len(files), ids, files)]
 
 
+def read_unit_rows(loc: Location, task: UnitTask) -> tuple[list[str | None], list[Any], list[Any]]:
+    """Ids, image values and captions of a unit's rows, read by the worker that decodes them."""
+    if task.format == "parquet":
+        return read_parquet_rows(loc, task.path, task.source, task.start, task.stop)
+    ids, images, captions = [], [], []
+    for img_path, cap_path in task.files:
+        ids.append(posixpath.splitext(posixpath.basename(img_path))[0])
+        images.append(loc.read_bytes(img_path))
+        captions.append(None if cap_path is None else _read_text(loc, cap_path))
+    return ids, images, captions
+
+
+def _read_text(loc: Location, path: str) -> str:
+    return loc.read_bytes(path).decode("utf-8", errors="replace").strip()
+
+
 def read_parquet_rows(
     loc: Location, path: str, cfg: SourceConfig, start: int, stop: int
-) -> tuple[list[Any], list[Any]]:
-    """Image values and captions of rows [start, stop) of a Parquet file (reads only the row groups needed)."""
+) -> tuple[list[str | None], list[Any], list[Any]]:
+    """Ids, image values and captions of rows [start, stop) of a Parquet file (reads only the row groups needed).
+
+    Ids are the `id_column` as strings, or `<file stem>-<row>` when the file has no such column.
+    """
     with loc.fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         groups, offset, first = [], 0, None
@@ -133,7 +157,14 @@ def read_parquet_rows(
                 first = offset if first is None else first
             offset += n
         if not groups:
-            return [], []
-        table: pa.Table = pf.read_row_groups(groups, columns=[cfg.image_column, cfg.caption_column])
+            return [], [], []
+        has_ids = bool(cfg.id_column) and cfg.id_column in pf.schema_arrow.names
+        columns = [cfg.image_column, cfg.caption_column] + ([cfg.id_column] if has_ids else [])
+        table: pa.Table = pf.read_row_groups(groups, columns=columns)
     table = table.slice(start - first, stop - start)
-    return table.column(0).to_pylist(), table.column(1).to_pylist()
+    if has_ids:
+        ids = [None if x is None else str(x) for x in table.column(2).to_pylist()]
+    else:
+        stem = posixpath.splitext(posixpath.basename(path))[0]
+        ids = [_id_or_default(stem, i) for i in range(start, stop)]
+    return ids, table.column(0).to_pylist(), table.column(1).to_pylist()

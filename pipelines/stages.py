@@ -1,15 +1,14 @@
-"""Ray Data transforms of the cache build (kept in a module, not `__main__`, so workers import them cleanly).
+"""The compute stages of a cache build, applied to one unit of rows at a time (run as Ray tasks and actors by
+`pipelines.execute`; kept in a module, not `__main__`, so workers import them cleanly).
 
-Rows travel as Arrow tables with the contract columns (null until computed) plus internal `_` columns:
-`_unit` (the unit key), `_unit_rows` (rows in the unit, so the writer knows when it is complete),
-`_pixels` (bucket-sized RGB uint8 HWC bytes, dropped after the VAE), `_reason`/`_detail` (quarantine),
-and `_new_<group>` (True where this build computed the group; the summary counts them).
+A unit's rows travel as one Arrow table with the contract columns (null until computed) plus internal `_`
+columns: `_pixels` (bucket-sized RGB uint8 HWC bytes, dropped after the VAE), `_reason`/`_detail`
+(quarantine), and `_new_<group>` (True where this build computed the group; the summary counts them).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import warnings
@@ -24,10 +23,9 @@ from PIL import Image, UnidentifiedImageError
 
 from lidit.cache import contract as C
 from lidit.cache.storage import open_location
-from pipelines.sources import SourceConfig, read_parquet_rows
+from pipelines.sources import read_unit_rows
+from pipelines.tasks import BuildSpec, UnitTask
 
-COL_UNIT = "_unit"
-COL_UNIT_ROWS = "_unit_rows"
 COL_PIXELS = "_pixels"
 COL_REASON = "_reason"
 COL_DETAIL = "_detail"
@@ -139,48 +137,27 @@ def _token_counter(path: str) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(x) for x in auto(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _read_text(loc, path: str | None) -> str | None:
-    if path is None:
-        return None
-    return loc.read_bytes(path).decode("utf-8", errors="replace").strip()
+def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
+    """Read a unit's rows from its source, validate, bucket-resize, and pull reusable columns.
 
-
-def prepare_units(batch: pa.Table) -> pa.Table:
-    """Read each unit task's rows from its source, validate, bucket-resize, and pull reusable columns.
-
-    `batch` has one column `task` (JSON, see `pipelines.build.plan_build`). Output: one row per source row.
+    Output: one row per source row of the unit, contract columns (null until computed) + internal columns.
     """
-    tables = [_prepare_unit(json.loads(t)) for t in batch.column("task").to_pylist()]
-    return pa.concat_tables(tables)
-
-
-def _prepare_unit(task: dict[str, Any]) -> pa.Table:
-    src = SourceConfig.model_validate(task["source_cfg"])
-    loc = open_location(
-        task["source_uri"] if task["format"] == "images" else src.uri, task["storage_options"]
-    )
-    start, stop = task["start"], task["stop"]
+    loc = open_location(task.source_uri, spec.storage_options)
+    start, stop = task.start, task.stop
     n = stop - start
-    if task["format"] == "parquet":
-        images, captions = read_parquet_rows(loc, task["path"], src, start, stop)
-    else:
-        images, captions = [], []
-        for img_path, cap_path in task["files"]:
-            images.append(loc.read_bytes(img_path))
-            captions.append(_read_text(loc, cap_path))
-    ids: list[str | None] = task["ids"]
-    dup = set(task["dup"])
-    img_cfg = task["image"]
-    buckets = [tuple(b) for b in img_cfg["buckets"]]
-    groups: list[str] = task["groups"]
-    reuse_groups = set(task["reuse_groups"])
+    ids, images, captions = read_unit_rows(loc, task)
+    dup = set(task.dup)
+    img_cfg = spec.image
+    buckets = [tuple(b) for b in img_cfg.buckets]
+    groups = list(spec.groups)
+    reuse_groups = set(task.reuse_groups)
 
     # reusable columns from the unit's previous shard, looked up by id
     old: dict[str, dict[str, Any]] = {}
-    if task["reuse_path"]:
-        out_loc = open_location(task["output_uri"], task["storage_options"])
+    if task.reuse_path:
+        out_loc = open_location(spec.output_uri, spec.storage_options)
         cols = [C.COL_ID] + [c for g in reuse_groups for c, _ in group_columns(g)]
-        with out_loc.fs.open(task["reuse_path"], "rb") as f:
+        with out_loc.fs.open(task.reuse_path, "rb") as f:
             prev = pq.read_table(f, columns=cols).to_pylist()
         old = {r[C.COL_ID]: r for r in prev}
 
@@ -203,7 +180,7 @@ def _prepare_unit(task: dict[str, Any]) -> pa.Table:
                 raise Rejected("duplicate_id", f"id {rid!r} seen earlier")
             if not isinstance(caption, str) or not caption.strip():
                 raise Rejected("empty_caption")
-            im = decode_image(images[i], img_cfg["max_image_pixels"], img_cfg["min_image_side"])
+            im = decode_image(images[i], img_cfg.max_image_pixels, img_cfg.min_image_side)
             bw, bh = choose_bucket(im.width, im.height, buckets)
             row.update(
                 {C.COL_WIDTH: im.width, C.COL_HEIGHT: im.height, C.COL_BUCKET: f"{bw}x{bh}"}
@@ -224,14 +201,14 @@ def _prepare_unit(task: dict[str, Any]) -> pa.Table:
 
     # over-long captions: tokenized exactly as PromptEncoder does (no special tokens, prefix not counted)
     valid = [i for i in range(n) if cols[COL_REASON][i] is None]
-    for enc in task["encoders"]:
+    for enc in spec.encoders:
         if not valid:
             break
-        lengths = _token_counter(enc["path"])([cols[C.COL_CAPTION][i] for i in valid])
+        lengths = _token_counter(enc.path)([cols[C.COL_CAPTION][i] for i in valid])
         for i, length in zip(valid, lengths, strict=True):
-            if length > enc["max_length"] and cols[COL_REASON][i] is None:
+            if length > enc.max_length and cols[COL_REASON][i] is None:
                 cols[COL_REASON][i] = "caption_too_long"
-                cols[COL_DETAIL][i] = f"{length} tokens > max_length={enc['max_length']} of {enc['name']}"
+                cols[COL_DETAIL][i] = f"{length} tokens > max_length={enc.max_length} of {enc.name}"
                 cols[COL_PIXELS][i] = None
                 for g in groups:
                     for c in group_vals[g]:
@@ -243,9 +220,7 @@ def _prepare_unit(task: dict[str, Any]) -> pa.Table:
         C.COL_BUCKET_HEIGHT: pa.int32(), COL_PIXELS: pa.binary(), COL_REASON: pa.string(), COL_DETAIL: pa.string(),
     }  # fmt: skip
     arrays = {k: pa.array(v, type=types[k]) for k, v in cols.items()}
-    arrays[C.COL_SOURCE] = pa.array([task["source_uri"]] * n, type=pa.string())
-    arrays[COL_UNIT] = pa.array([task["unit"]] * n, type=pa.string())
-    arrays[COL_UNIT_ROWS] = pa.array([n] * n, type=pa.int64())
+    arrays[C.COL_SOURCE] = pa.array([task.source_uri] * n, type=pa.string())
     for g in groups:
         for c, t in group_columns(g):
             arrays[c] = pa.array(group_vals[g][c], type=t)
@@ -260,14 +235,28 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-class VaeStage:
+class _BatchedStage:
+    """A model stage: `run` takes a whole unit and feeds the model `batch_size` rows at a time."""
+
+    batch_size: int
+
+    def run(self, table: pa.Table) -> pa.Table:
+        parts = [self(table.slice(i, self.batch_size)) for i in range(0, table.num_rows, self.batch_size)]
+        return pa.concat_tables(parts) if parts else self(table)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+
+class VaeStage(_BatchedStage):
     """Actor: bucket-sized pixels -> scaled VAE latent means, batched per bucket."""
 
-    def __init__(self, vae_path: str, dtype: str, device: str, threads: int | None) -> None:
+    def __init__(self, vae_path: str, dtype: str, device: str, threads: int | None, batch_size: int) -> None:
         import torch
         from diffusers import AutoencoderKL
 
         _set_threads(threads)
+        self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae = AutoencoderKL.from_pretrained(vae_path).to(self.device).eval().requires_grad_(False)
@@ -305,13 +294,16 @@ class VaeStage:
         return batch.drop_columns([COL_PIXELS])
 
 
-class EncoderStage:
+class EncoderStage(_BatchedStage):
     """Actor: captions -> one encoder's prompt-token states (prefix shared, no padding stored)."""
 
-    def __init__(self, encoder_config: dict[str, Any], dtype: str, device: str, threads: int | None) -> None:
+    def __init__(
+        self, encoder_config: dict[str, Any], dtype: str, device: str, threads: int | None, batch_size: int
+    ) -> None:
         from lidit.encoder import EncoderConfig, PromptEncoder
 
         _set_threads(threads)
+        self.batch_size = batch_size
         self.encoder = PromptEncoder(EncoderConfig.model_validate(encoder_config), device=device)
         self.dtype = dtype
 

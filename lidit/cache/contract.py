@@ -286,3 +286,8 @@ class Manifest(StrictModel):
 
 def manifest_name(version: int) -> str:
     return f"{MANIFEST_DIR}/v{version:06d}.json"
+
+
+def sidecar_name(shard_name: str) -> str:
+    """Path (relative to the root) of the `ShardEntry` sidecar that marks shard `shard_name` complete."""
+    return f"{SHARD_DIR}/{shard_name}.json"

@@ -2,8 +2,8 @@
 `ray job submit --working-dir .`, then both nodes stopped.
 
 The head runs with `--num-cpus 0` (the production layout, as in infra/kuberay): job drivers run on it, every
-CPU task and actor lands on the worker node. The cache build's driver (planning, shard writes, manifest
-commit) therefore runs on the head while its Ray Data tasks and actor pools run on the worker, and the test
+CPU task and actor lands on the worker node. The cache build's driver (planning, manifest commit) therefore
+runs on the head while its decode/write tasks and actor pools run on the worker, and the test
 checks both from Ray's state API. This test never calls `ray.init`: the cluster is separate from the
 in-process Ray of other tests (own temp dir, ports and auth token).
 """
@@ -73,7 +73,7 @@ def test_job_reaches_both_nodes(cluster: LocalRayCluster) -> None:
 
 def test_cache_build_job_on_two_nodes(cluster: LocalRayCluster, starter_micro, tmp_path: Path) -> None:
     """`ray job submit --working-dir . -- python -m pipelines.build configs/starter/cache.yaml ...` builds a
-    complete cache: driver on the head, every Ray Data task and actor on the worker node."""
+    complete cache: driver on the head, every pipeline task and actor (shard writes included) on the worker node."""
     home = cluster.root / "home"  # the job's LIDIT_HOME: ${LIDIT_HOME}/starter is the micro starter set
     home.mkdir()
     (home / "starter").symlink_to(starter_micro.root, target_is_directory=True)
@@ -112,12 +112,12 @@ def test_cache_build_job_on_two_nodes(cluster: LocalRayCluster, starter_micro, t
     summary = json.loads(next(ln for ln in reversed(logs.splitlines()) if ln.startswith("{")))
     assert summary["rows"] == manifest.rows, summary
 
-    # Both nodes did work: the driver on the head (planning, shard writes, manifest commit), every pipeline
-    # task and actor (decode, VAE, encoders) on the worker. Only Ray Data's 0-CPU bookkeeping actors may run
+    # Both nodes did work: the driver on the head (planning, manifest commit), every pipeline task and actor
+    # (decode, VAE, encoders, shard writes) on the worker. Only Ray Data's 0-CPU bookkeeping actors may run
     # on the head besides the driver.
     assert info["driver_node_id"] == cluster.head_node_id
     tasks = [t for t in cluster.tasks(info["job_id"]) if t.get("type") != "DRIVER_TASK" and t.get("node_id")]
-    stages = ("prepare_units", "VaeStage", "EncoderStage")
+    stages = ("prepare_unit", "VaeStage", "EncoderStage", "write_shard")
     placed: dict[str, set[str]] = {}
     for t in tasks:
         if any(s in t["name"] for s in stages):

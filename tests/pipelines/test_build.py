@@ -133,8 +133,11 @@ def test_kill_and_resume_equals_uninterrupted(built, cache_starter, tmp_path):
         build_cache(CacheBuildConfig.model_validate(cache_config(cache_starter, out, fail_after_shards=1)))
     with pytest.raises(CacheNotFoundError):  # nothing committed: no manifest yet
         CacheReader(str(out))
+    # Workers write shards in parallel: units in flight when the failure hit may have landed too.
+    landed = len(list((out / C.SHARD_DIR).glob("*.json")))
+    assert 1 <= landed < 3
     s = build_cache(CacheBuildConfig.model_validate(cache_config(cache_starter, out)))
-    assert s["shards_reused"] == 1 and s["shards_written"] == 2
+    assert s["shards_reused"] == landed and s["shards_written"] == 3 - landed
     got, want = CacheReader(str(out)).to_arrow(), CacheReader(str(ref_out)).to_arrow()
     ids = got.column(C.COL_ID).to_pylist()
     assert len(ids) == len(set(ids)) == ref["rows"]

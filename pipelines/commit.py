@@ -1,0 +1,54 @@
+"""Commit a cache version: assemble the manifest from the plan and the shard entries, write it last.
+
+A version is committed only when its content differs from the latest one (a rerun that changed nothing commits
+nothing). The manifest write is the commit point: readers follow manifests only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from lidit.cache import contract as C
+from lidit.cache.reader import list_versions
+from lidit.cache.storage import Location
+from pipelines.plan import Plan
+
+
+class CommitConflictError(RuntimeError):
+    """Another build committed the version this one was about to commit (an operational failure, not a bug)."""
+
+    hint = "rerun the build: it reuses every shard already written and commits the next version"
+
+
+def assemble_manifest(plan: Plan, shards: list[C.ShardEntry]) -> C.Manifest:
+    """The manifest of the plan's version over `shards` (in output order)."""
+    qcounts: dict[str, int] = {}
+    for s in shards:
+        for reason, n in s.quarantine_counts.items():
+            qcounts[reason] = qcounts.get(reason, 0) + n
+    return C.Manifest(
+        version=(plan.previous.version + 1) if plan.previous else 1,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        rows=sum(s.rows for s in shards),
+        sources=plan.sources,
+        image=plan.spec.image,
+        vae=plan.vae,
+        encoders=plan.encoders,
+        shards=shards,
+        quarantine_counts=dict(sorted(qcounts.items())),
+    )
+
+
+def is_new_content(plan: Plan, manifest: C.Manifest) -> bool:
+    return plan.previous is None or plan.previous.content_key() != manifest.content_key()
+
+
+def commit_manifest(out: Location, manifest: C.Manifest) -> None:
+    """Write `manifest` as its version, or raise `CommitConflictError` if that version already exists."""
+    if list_versions(out) and max(list_versions(out)) >= manifest.version:
+        raise CommitConflictError(
+            f"{out.uri}: version {manifest.version} was committed by another build meanwhile"
+        )
+    out.write_bytes_atomic(
+        out.join(C.manifest_name(manifest.version)), manifest.model_dump_json(indent=1).encode()
+    )

@@ -1,0 +1,187 @@
+"""Plan a cache build on the driver: list sources, fingerprint VAE/encoders/units, decide per unit what to reuse.
+
+Reuse, in order: a shard with the same unit and group fingerprints (from any earlier build, finished or
+killed) is taken as is; otherwise the unit's shard in the latest version lends the groups whose fingerprint
+still matches (looked up by id) and only stale groups are computed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from safetensors.torch import save as save_safetensors
+
+from lidit.cache import contract as C
+from lidit.cache.reader import load_manifest
+from lidit.cache.storage import Location
+from lidit.config import ConfigError
+from lidit.encoder import PromptEncoder
+from lidit.fingerprint import hash_bytes, hash_json, hash_model_dir
+from pipelines.config import CacheBuildConfig
+from pipelines.sources import SourceFile, discover
+from pipelines.tasks import BuildSpec, EncoderSpec, UnitTask
+
+
+@dataclass
+class Plan:
+    """What a build will do: the target manifest's parts and the unit tasks that need computing."""
+
+    spec: BuildSpec
+    sources: list[C.SourceEntry]
+    vae: C.VaeEntry
+    encoders: list[C.EncoderEntry]
+    prefixes: dict[str, bytes]  # encoder -> safetensors bytes of its prefix states
+    names: list[str]  # shard name of every unit, in output order
+    tasks: list[UnitTask]  # units to compute
+    previous: C.Manifest | None
+    stages_needed: set[str] = field(default_factory=set)
+
+
+def image_settings(cfg: CacheBuildConfig) -> C.ImageSettings:
+    return C.ImageSettings(
+        resolution=cfg.resolution,
+        buckets=cfg.bucket_list(),
+        max_image_pixels=cfg.max_image_pixels,
+        min_image_side=cfg.min_image_side,
+    )
+
+
+def _vae_entry(cfg: CacheBuildConfig, image: C.ImageSettings) -> C.VaeEntry:
+    from diffusers import AutoencoderKL
+
+    if not os.path.isdir(cfg.vae):
+        raise ConfigError(f"vae: directory not found: {cfg.vae}")
+    vcfg = AutoencoderKL.load_config(cfg.vae)
+    fp = hash_model_dir(cfg.vae)[:16]
+    return C.VaeEntry(
+        path=cfg.vae,
+        fingerprint=fp,
+        group_fingerprint=hash_json([fp, cfg.latent_dtype, image.model_dump(mode="json")])[:16],
+        latent_channels=int(vcfg["latent_channels"]),
+        scale=2 ** (len(vcfg["block_out_channels"]) - 1),
+        scaling_factor=float(vcfg.get("scaling_factor") or 1.0),
+        shift_factor=float(vcfg.get("shift_factor") or 0.0),
+        latents_mean=vcfg.get("latents_mean"),
+        latents_std=vcfg.get("latents_std"),
+        dtype=cfg.latent_dtype,
+    )
+
+
+def _encoder_entries(cfg: CacheBuildConfig) -> tuple[list[C.EncoderEntry], dict[str, bytes]]:
+    entries, prefixes = [], {}
+    for ec in cfg.encoders:
+        if not os.path.isdir(ec.path):
+            raise ConfigError(f"encoders.{ec.name}.path: directory not found: {ec.path}")
+        enc = PromptEncoder(ec)  # loads the LM once on the driver: fingerprint + shared prefix states
+        prefix = enc.prefix_states.detach().to("cpu", C.torch_dtype(cfg.states_dtype)).contiguous()
+        data = save_safetensors({C.PREFIX_TENSOR: prefix}, metadata={"encoder": ec.name})
+        fp = enc.fingerprint
+        entries.append(
+            C.EncoderEntry(
+                name=ec.name,
+                config=ec.model_dump(mode="json"),
+                fingerprint=fp,
+                group_fingerprint=hash_json([fp, cfg.states_dtype])[:16],
+                hidden_size=enc.hidden_size,
+                prefix_len=enc.prefix_len,
+                dtype=cfg.states_dtype,
+                prefix_file=f"{C.PREFIX_DIR}/{ec.name}-{fp}.safetensors",
+                prefix_sha256=hash_bytes(data),
+            )
+        )
+        prefixes[ec.name] = data
+        del enc
+    return entries, prefixes
+
+
+def _complete_shards(out: Location) -> set[str]:
+    """Names of the shards whose sidecar exists (complete, from any earlier build)."""
+    shard_dir = out.join(C.SHARD_DIR)
+    if not out.exists(shard_dir):
+        return set()
+    return {
+        p.rsplit("/", 1)[-1][: -len(".json")]
+        for p in out.fs.ls(shard_dir, detail=False)
+        if p.endswith(".json")
+    }
+
+
+def plan_build(cfg: CacheBuildConfig, out: Location) -> Plan:
+    """Discover sources, fingerprint everything, and decide per unit: reuse, partially reuse, or compute."""
+    image = image_settings(cfg)
+    vae = _vae_entry(cfg, image)
+    encoders, prefixes = _encoder_entries(cfg)
+    groups = {C.LATENT_GROUP: vae.group_fingerprint} | {e.name: e.group_fingerprint for e in encoders}
+    groups_key = hash_json(groups)[:12]
+    spec = BuildSpec(
+        output_uri=out.uri,
+        storage_options=cfg.storage_options,
+        image=image,
+        encoders=[EncoderSpec(name=e.name, path=e.path, max_length=e.max_length) for e in cfg.encoders],
+        groups=groups,
+    )
+    previous = load_manifest(out)
+    prev_by_unit = {s.unit: s for s in previous.shards} if previous else {}
+    done = _complete_shards(out)
+
+    files: list[SourceFile] = []
+    for src in cfg.sources:
+        files.extend(discover(src, cfg.storage_options))
+    if len({f.uri for f in files}) != len(files):
+        raise ConfigError("sources: two sources hold the same file; list each source file once")
+    seen: set[str] = set()
+    names, tasks, sources = [], [], []
+    stages: set[str] = set()
+    for sf in files:
+        sources.append(C.SourceEntry(uri=sf.uri, format=sf.format, fingerprint=sf.fingerprint, rows=sf.rows))
+        dup = []
+        for i, rid in enumerate(sf.ids):  # first occurrence wins, in source order
+            if rid is None:
+                continue
+            if rid in seen:
+                dup.append(i)
+            seen.add(rid)
+        for start in range(0, sf.rows, cfg.rows_per_shard):
+            stop = min(sf.rows, start + cfg.rows_per_shard)
+            udup = [i - start for i in dup if start <= i < stop]
+            content = sf.fingerprint if sf.format == "parquet" else [f[2] for f in sf.files[start:stop]]
+            unit = hash_json(
+                {
+                    "contract": C.CONTRACT_VERSION,
+                    "uri": sf.uri,
+                    "content": content,
+                    "range": [start, stop],
+                    "dup": udup,
+                    "source": sf.source.model_dump(mode="json", exclude={"uri"}),
+                    "image": image.model_dump(mode="json"),
+                }
+            )[:24]
+            name = f"{unit}-{groups_key}"
+            names.append(name)
+            if name in done:
+                continue
+            prev = prev_by_unit.get(unit)
+            reuse = [g for g in groups if prev is not None and prev.groups.get(g) == groups[g]]
+            need = [g for g in groups if g not in reuse]
+            if prev is not None and prev.quarantine_counts.get("caption_too_long"):
+                need = list(groups)  # rows may become valid: every stage runs, on the rows not reused
+            stages.update(need)
+            tasks.append(
+                UnitTask(
+                    unit=unit,
+                    name=name,
+                    source=sf.source,
+                    source_uri=sf.uri,
+                    format=sf.format,
+                    path=sf.path,
+                    start=start,
+                    stop=stop,
+                    files=[(f[0], f[1]) for f in sf.files[start:stop]],
+                    dup=udup,
+                    need=need,
+                    reuse_groups=reuse,
+                    reuse_path=out.join(prev.path) if prev is not None and reuse else None,
+                )
+            )
+    return Plan(spec, sources, vae, encoders, prefixes, names, tasks, previous, stages)
