@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from lidit.config import StrictModel
+from lidit.registry import parse_model_uri
 
 SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 
@@ -229,14 +230,13 @@ class ServeConfig(StrictModel):
     def _check(self) -> ServeConfig:
         if not self.route_prefix.startswith("/"):
             raise ValueError("route_prefix must start with '/'")
+        parse_model_uri(self.model)  # a malformed models:/ URI is a config error here, not at deploy
         return self
 
     def registered_name(self) -> str | None:
         """NAME of a `models:/NAME@ALIAS` / `models:/NAME/VERSION` model; None for a local export."""
-        if not self.model.startswith("models:/"):
-            return None
-        ref = self.model[len("models:/") :]
-        return ref.split("@", 1)[0] if "@" in ref else ref.rsplit("/", 1)[0]
+        parsed = parse_model_uri(self.model)
+        return parsed.name if parsed else None
 
     def default_model_name(self) -> str:
         """Name clients use: `served_model_name`, else the registered name, else the export dir's name."""

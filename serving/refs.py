@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lidit.config import lidit_home
-from lidit.registry import configure_mlflow, fetch_pipeline, resolve_version
+from lidit.registry import configure_mlflow, fetch_pipeline, parse_model_uri, resolve_version
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ModelRef:
 
 def resolve_ref(model_uri: str, tracking_uri: str | None = None, models_dir: str | None = None) -> ModelRef:
     """Pin `model_uri` now: an alias becomes its current version; a local dir is keyed by its files' mtimes."""
-    if model_uri.startswith("models:/"):
+    if parse_model_uri(model_uri):
         import mlflow
 
         if tracking_uri:
@@ -54,7 +54,7 @@ def resolve_ref(model_uri: str, tracking_uri: str | None = None, models_dir: str
 
 def materialize(ref: ModelRef) -> tuple[Path, Path | None]:
     """A local pipeline dir for `ref`, plus the temp dir to delete once loaded (None for a local export)."""
-    if not ref.uri.startswith("models:/"):
+    if not parse_model_uri(ref.uri):
         return Path(ref.uri), None
     import mlflow
 
@@ -70,7 +70,8 @@ def fetch_spec_json(ref: ModelRef) -> str:
     """The text of `ref`'s `pipeline.json` alone: what the text encoder needs, without the generator weights."""
     from lidit.pipeline import PIPELINE_CONFIG  # lazy: this module stays torch-free for the ingress
 
-    if not ref.uri.startswith("models:/"):
+    parsed = parse_model_uri(ref.uri)
+    if not parsed:
         return (Path(ref.uri) / PIPELINE_CONFIG).read_text()
     import mlflow
 
@@ -78,8 +79,7 @@ def fetch_spec_json(ref: ModelRef) -> str:
 
     if ref.tracking_uri:
         mlflow.set_tracking_uri(ref.tracking_uri)
-    name, version = ref.uri[len("models:/") :].rsplit("/", 1)
-    source = mlflow.MlflowClient().get_model_version(name, version).source
+    source = mlflow.MlflowClient().get_model_version(parsed.name, parsed.version).source
     with tempfile.TemporaryDirectory(prefix="spec-") as tmp:
         # Same two layouts `lidit.registry.fetch_pipeline` accepts: the spec at the root or under pipeline/.
         for candidate in (f"{source}/{PIPELINE_CONFIG}", f"{source}/{PIPELINE_ARTIFACT}/{PIPELINE_CONFIG}"):
@@ -97,4 +97,4 @@ def tracking_uri_for(uri: str) -> str | None:
 
     `configure_mlflow` also exports MLFLOW_TRACKING_URI, so processes started later inherit it.
     """
-    return configure_mlflow() if uri.startswith("models:/") else None
+    return configure_mlflow() if parse_model_uri(uri) else None

@@ -36,7 +36,7 @@ def start(cfg: ServeConfig) -> str:
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", str(cfg.startup.proxy_ready_timeout_s))
     if cfg.logs.access_log != "console":  # every request at INFO on the console drowns the server's own lines
         os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-    if cfg.model.startswith("models:/"):
+    if cfg.registered_name():
         configure_mlflow()  # sets MLFLOW_TRACKING_URI before Ray starts, so replicas inherit it
     ensure_ray(log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

@@ -50,6 +50,14 @@ def test_starter_config_loads_and_overrides() -> None:
         load_config(ServeConfig, None, ["limits.bogus=1"])
 
 
+def test_model_uri_parsed_by_the_registry_helper() -> None:
+    assert load_config(ServeConfig, None, ["model=models:/m@prod"]).registered_name() == "m"
+    assert load_config(ServeConfig, None, ["model=models:/m/3"]).registered_name() == "m"
+    assert load_config(ServeConfig, None, ["model=/exports/m"]).registered_name() is None
+    with pytest.raises(ConfigError, match="expected models:/NAME@ALIAS"):
+        load_config(ServeConfig, None, ["model=models:/only-a-name"])
+
+
 def test_api_key_from_file_then_env(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LIDIT_API_KEY", "from-env")
     assert AuthConfig().resolve_key() == "from-env"
