@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from collections import Counter
@@ -37,14 +38,46 @@ def _progress(enabled: bool, msg: str) -> None:
         print(f"[cache] {msg}", file=sys.stderr, flush=True)
 
 
+class _RaySession:
+    """Ray, started or joined on first need (a rebuild that finds nothing to do never starts it)."""
+
+    def __init__(self, cfg: CacheBuildConfig) -> None:
+        self.cfg, self.started = cfg, None
+
+    def up(self) -> None:
+        if self.started is None:  # the driver prints progress; worker output stays in Ray's logs
+            c = self.cfg.ray
+            self.started = ensure_ray(c.address, c.num_cpus, c.object_store_mb, log_to_driver=False)
+
+    def down(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+
+
 def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
     """Run a build; returns the summary (what `--json` prints). Commits a new version only if content changed."""
-    from pipelines.execute import run_units  # imports Ray
+    session = _RaySession(cfg)
+    try:
+        return _build(cfg, session)
+    finally:
+        session.down()
+
+
+def _build(cfg: CacheBuildConfig, session: _RaySession) -> dict[str, Any]:
+    from pipelines.dedupe import find_duplicates  # these import Ray
+    from pipelines.execute import run_units
+
+    def find(ranges):
+        session.up()
+        _progress(cfg.progress, f"scanning ids of {len(ranges)} row ranges for duplicates")
+        return find_duplicates(ranges, cfg.storage_options, cfg.decode.num_cpus)
 
     t0 = time.perf_counter()
     out = open_location(cfg.output, cfg.storage_options)
     _progress(cfg.progress, f"planning {out.uri}")
-    plan = plan_build(cfg, out)
+    plan = plan_build(cfg, out, find)
     for e in plan.encoders:  # prefix files first: content-addressed, so rewriting is harmless
         path = out.join(e.prefix_file)
         if not out.exists(path):
@@ -116,6 +149,8 @@ def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
         "bytes_per_sample": total_bytes / rows if rows else 0.0,
         "seconds": round(time.perf_counter() - t0, 3),
         "timing": timing,
+        # this process's peak so far (in-process callers include their own); O(shards) by design
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "fingerprints": {"vae": plan.vae.fingerprint} | {e.name: e.fingerprint for e in plan.encoders},
         "sources": [s.uri for s in plan.sources],
     }

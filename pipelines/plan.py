@@ -7,7 +7,9 @@ still matches (looked up by id) and only stale groups are computed.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from safetensors.torch import save as save_safetensors
@@ -20,7 +22,9 @@ from lidit.encoder import PromptEncoder
 from lidit.fingerprint import hash_bytes, hash_json, hash_model_dir
 from pipelines.config import CacheBuildConfig
 from pipelines.sources import SourceFile, discover
-from pipelines.tasks import BuildSpec, EncoderSpec, UnitTask
+from pipelines.tasks import BuildSpec, EncoderSpec, RowRange, UnitTask
+
+FindDuplicates = Callable[[list[RowRange]], dict[int, list[int]]]
 
 
 @dataclass
@@ -107,8 +111,27 @@ def _complete_shards(out: Location) -> set[str]:
     }
 
 
-def plan_build(cfg: CacheBuildConfig, out: Location) -> Plan:
-    """Discover sources, fingerprint everything, and decide per unit: reuse, partially reuse, or compute."""
+def _duplicates(
+    out: Location, files: list[SourceFile], ranges: list[RowRange], find: FindDuplicates
+) -> dict[int, list[int]]:
+    """Duplicate rows per range: stored under the cache root by what decides them (every source file's content
+    and id column, and the ranges), so an unchanged source is not scanned again; else found by `find`."""
+    key = hash_json(
+        [[f.uri, f.fingerprint, f.source.id_column] for f in files] + [[r.start, r.stop] for r in ranges]
+    )[:24]
+    path = out.join(C.PLAN_DIR, f"dedupe-{key}.json")
+    if out.exists(path):
+        return {int(k): v for k, v in json.loads(out.read_bytes(path)).items()}
+    dups = find(ranges)
+    out.write_bytes_atomic(path, json.dumps({str(k): v for k, v in dups.items()}).encode())
+    return dups
+
+
+def plan_build(cfg: CacheBuildConfig, out: Location, find_duplicates: FindDuplicates) -> Plan:
+    """Discover sources, fingerprint everything, and decide per unit: reuse, partially reuse, or compute.
+
+    `find_duplicates(ranges)` returns range index -> duplicate row offsets (`pipelines.dedupe` on Ray); it is
+    called only when the sources changed since the last build."""
     image = image_settings(cfg)
     vae = _vae_entry(cfg, image)
     encoders, prefixes = _encoder_entries(cfg)
@@ -130,58 +153,62 @@ def plan_build(cfg: CacheBuildConfig, out: Location) -> Plan:
         files.extend(discover(src, cfg.storage_options))
     if len({f.uri for f in files}) != len(files):
         raise ConfigError("sources: two sources hold the same file; list each source file once")
-    seen: set[str] = set()
-    names, tasks, sources = [], [], []
-    stages: set[str] = set()
+    ranges: list[tuple[SourceFile, RowRange]] = []
     for sf in files:
-        sources.append(C.SourceEntry(uri=sf.uri, format=sf.format, fingerprint=sf.fingerprint, rows=sf.rows))
-        dup = []
-        for i, rid in enumerate(sf.ids):  # first occurrence wins, in source order
-            if rid is None:
-                continue
-            if rid in seen:
-                dup.append(i)
-            seen.add(rid)
         for start in range(0, sf.rows, cfg.rows_per_shard):
             stop = min(sf.rows, start + cfg.rows_per_shard)
-            udup = [i - start for i in dup if start <= i < stop]
-            content = sf.fingerprint if sf.format == "parquet" else [f[2] for f in sf.files[start:stop]]
-            unit = hash_json(
-                {
-                    "contract": C.CONTRACT_VERSION,
-                    "uri": sf.uri,
-                    "content": content,
-                    "range": [start, stop],
-                    "dup": udup,
-                    "source": sf.source.model_dump(mode="json", exclude={"uri"}),
-                    "image": image.model_dump(mode="json"),
-                }
-            )[:24]
-            name = f"{unit}-{groups_key}"
-            names.append(name)
-            if name in done:
-                continue
-            prev = prev_by_unit.get(unit)
-            reuse = [g for g in groups if prev is not None and prev.groups.get(g) == groups[g]]
-            need = [g for g in groups if g not in reuse]
-            if prev is not None and prev.quarantine_counts.get("caption_too_long"):
-                need = list(groups)  # rows may become valid: every stage runs, on the rows not reused
-            stages.update(need)
-            tasks.append(
-                UnitTask(
-                    unit=unit,
-                    name=name,
-                    source=sf.source,
-                    source_uri=sf.uri,
-                    format=sf.format,
-                    path=sf.path,
-                    start=start,
-                    stop=stop,
-                    files=[(f[0], f[1]) for f in sf.files[start:stop]],
-                    dup=udup,
-                    need=need,
-                    reuse_groups=reuse,
-                    reuse_path=out.join(prev.path) if prev is not None and reuse else None,
-                )
+            rows = RowRange(
+                source=sf.source,
+                source_uri=sf.uri,
+                format=sf.format,
+                path=sf.path,
+                start=start,
+                stop=stop,
+                files=[(f[0], f[1]) for f in sf.files[start:stop]],
             )
+            ranges.append((sf, rows))
+    dups = _duplicates(out, files, [r for _, r in ranges], find_duplicates)
+
+    names, tasks = [], []
+    stages: set[str] = set()
+    for index, (sf, rows) in enumerate(ranges):
+        udup = dups.get(index, [])
+        content = (
+            sf.fingerprint if sf.format == "parquet" else [f[2] for f in sf.files[rows.start : rows.stop]]
+        )
+        unit = hash_json(
+            {
+                "contract": C.CONTRACT_VERSION,
+                "uri": sf.uri,
+                "content": content,
+                "range": [rows.start, rows.stop],
+                "dup": udup,
+                "source": sf.source.model_dump(mode="json", exclude={"uri"}),
+                "image": image.model_dump(mode="json"),
+            }
+        )[:24]
+        name = f"{unit}-{groups_key}"
+        names.append(name)
+        if name in done:
+            continue
+        prev = prev_by_unit.get(unit)
+        reuse = [g for g in groups if prev is not None and prev.groups.get(g) == groups[g]]
+        need = [g for g in groups if g not in reuse]
+        if prev is not None and prev.quarantine_counts.get("caption_too_long"):
+            need = list(groups)  # rows may become valid: every stage runs, on the rows not reused
+        stages.update(need)
+        tasks.append(
+            UnitTask(
+                **rows.model_dump(),
+                unit=unit,
+                name=name,
+                dup=udup,
+                need=need,
+                reuse_groups=reuse,
+                reuse_path=out.join(prev.path) if prev is not None and reuse else None,
+            )
+        )
+    sources = [
+        C.SourceEntry(uri=f.uri, format=f.format, fingerprint=f.fingerprint, rows=f.rows) for f in files
+    ]
     return Plan(spec, sources, vae, encoders, prefixes, names, tasks, previous, stages)

@@ -19,7 +19,7 @@ from lidit.config import ConfigError, StrictModel
 from lidit.fingerprint import hash_json
 
 if TYPE_CHECKING:
-    from pipelines.tasks import UnitTask
+    from pipelines.tasks import RowRange
 
 
 class SourceConfig(StrictModel):
@@ -48,7 +48,6 @@ class SourceFile:
     path: str  # filesystem path
     fingerprint: str
     rows: int
-    ids: list[str | None]
     # image folders: per row (image path, caption path or None, per-file fingerprint)
     files: list[tuple[str, str | None, str]] = field(default_factory=list)
 
@@ -70,7 +69,8 @@ def _id_or_default(stem: str, row: int) -> str:
 
 
 def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceFile]:
-    """List a source's files in a stable order, with fingerprints, row counts and ids."""
+    """List a source's files in a stable order, with fingerprints and row counts (from Parquet footers: no rows
+    are read here, so planning stays O(files); ids are read and deduplicated by workers, `pipelines.dedupe`)."""
     loc = open_location(cfg.uri, storage_options)
     fmt = _detect_format(loc, cfg)
     if not loc.fs.exists(loc.path):
@@ -95,17 +95,10 @@ def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceF
                             f"sources: {loc.uri_of(path)}: no column {col!r} (columns: {names})"
                         )
                 rows = pf.metadata.num_rows
-                if cfg.id_column and cfg.id_column in names:
-                    ids = [
-                        None if x is None else str(x)
-                        for x in pf.read(columns=[cfg.id_column]).column(0).to_pylist()
-                    ]
-                else:
-                    stem = posixpath.splitext(posixpath.basename(path))[0]
-                    ids = [_id_or_default(stem, i) for i in range(rows)]
-            out.append(SourceFile(cfg, fmt, loc.uri_of(path), path, file_fingerprint(info), rows, ids))
+            out.append(SourceFile(cfg, fmt, loc.uri_of(path), path, file_fingerprint(info), rows))
         return out
-    # image folder: one SourceFile for the whole folder
+    # image folder: one SourceFile for the whole folder; its listing (O(files)) is the planner's, as for any
+    # folder of loose files: use Parquet or WebDataset tars at scale
     if not loc.fs.isdir(loc.path):
         raise ConfigError(f"sources: image source must be a folder: {cfg.uri}")
     found = loc.fs.find(loc.path, detail=True)
@@ -113,24 +106,34 @@ def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceF
     images = sorted(p for p in found if lower[p].endswith(IMAGE_EXTENSIONS))
     if not images:
         raise ConfigError(f"sources: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {cfg.uri}")
-    files, ids = [], []
+    files = []
     for p in images:
         cap = posixpath.splitext(p)[0] + cfg.caption_extension
         cap = cap if cap in found else None
         fp = file_fingerprint(found[p]) + ("|" + file_fingerprint(found[cap]) if cap else "")
         files.append((p, cap, fp))
-        ids.append(posixpath.splitext(posixpath.basename(p))[0])
     fingerprint = hash_json([(posixpath.relpath(p, loc.path), fp) for p, _, fp in files])[:32]
-    return [SourceFile(cfg, fmt, loc.uri, loc.path, fingerprint, len(files), ids, files)]
+    return [SourceFile(cfg, fmt, loc.uri, loc.path, fingerprint, len(files), files)]
 
 
-def read_unit_rows(loc: Location, task: UnitTask) -> tuple[list[str | None], list[Any], list[Any]]:
+def _image_id(path: str) -> str:
+    return posixpath.splitext(posixpath.basename(path))[0]
+
+
+def read_ids(loc: Location, rows: RowRange) -> list[str | None]:
+    """Ids of a row range (only the id column is read)."""
+    if rows.format == "parquet":
+        return read_parquet_rows(loc, rows.path, rows.source, rows.start, rows.stop, ids_only=True)[0]
+    return [_image_id(img) for img, _ in rows.files]
+
+
+def read_unit_rows(loc: Location, task: RowRange) -> tuple[list[str | None], list[Any], list[Any]]:
     """Ids, image values and captions of a unit's rows, read by the worker that decodes them."""
     if task.format == "parquet":
         return read_parquet_rows(loc, task.path, task.source, task.start, task.stop)
     ids, images, captions = [], [], []
     for img_path, cap_path in task.files:
-        ids.append(posixpath.splitext(posixpath.basename(img_path))[0])
+        ids.append(_image_id(img_path))
         images.append(loc.read_bytes(img_path))
         captions.append(None if cap_path is None else _read_text(loc, cap_path))
     return ids, images, captions
@@ -141,7 +144,7 @@ def _read_text(loc: Location, path: str) -> str:
 
 
 def read_parquet_rows(
-    loc: Location, path: str, cfg: SourceConfig, start: int, stop: int
+    loc: Location, path: str, cfg: SourceConfig, start: int, stop: int, ids_only: bool = False
 ) -> tuple[list[str | None], list[Any], list[Any]]:
     """Ids, image values and captions of rows [start, stop) of a Parquet file (reads only the row groups needed).
 
@@ -159,12 +162,16 @@ def read_parquet_rows(
         if not groups:
             return [], [], []
         has_ids = bool(cfg.id_column) and cfg.id_column in pf.schema_arrow.names
-        columns = [cfg.image_column, cfg.caption_column] + ([cfg.id_column] if has_ids else [])
-        table: pa.Table = pf.read_row_groups(groups, columns=columns)
-    table = table.slice(start - first, stop - start)
+        data = [] if ids_only else [cfg.image_column, cfg.caption_column]
+        columns = data + ([cfg.id_column] if has_ids else [])
+        table: pa.Table | None = pf.read_row_groups(groups, columns=columns) if columns else None
     if has_ids:
-        ids = [None if x is None else str(x) for x in table.column(2).to_pylist()]
+        ids = [None if x is None else str(x) for x in table.column(cfg.id_column).to_pylist()]
+        ids = ids[start - first : stop - first]
     else:
         stem = posixpath.splitext(posixpath.basename(path))[0]
         ids = [_id_or_default(stem, i) for i in range(start, stop)]
+    if ids_only:
+        return ids, [], []
+    table = table.slice(start - first, stop - start)
     return ids, table.column(0).to_pylist(), table.column(1).to_pylist()

@@ -38,11 +38,9 @@ class BuildSpec(StrictModel):
         return [e.name for e in self.encoders]
 
 
-class UnitTask(StrictModel):
-    """One unit of source rows (a row range of one source file or folder listing) to compute into a shard."""
+class RowRange(StrictModel):
+    """A contiguous range of rows of one source file (Parquet, tar) or image folder listing."""
 
-    unit: str = Field(description="content key of the unit (source content, range, settings, duplicates)")
-    name: str = Field(description="shard file stem: <unit>-<groups key>")
     source: SourceConfig
     source_uri: str = Field(description="URI of the source file (Parquet, tar) or image folder")
     format: Literal["parquet", "images", "webdataset"]
@@ -52,14 +50,21 @@ class UnitTask(StrictModel):
     files: list[tuple[str, str | None]] = Field(
         default_factory=list, description="image folders: (image path, caption path) per row"
     )
-    dup: list[int] = Field(default_factory=list, description="row offsets (in the unit) of duplicate ids")
-    need: list[str] = Field(description="column groups whose stage runs (on rows not reused)")
-    reuse_groups: list[str] = Field(default_factory=list, description="groups taken from `reuse_path` by id")
-    reuse_path: str | None = Field(None, description="filesystem path of the previous shard of this unit")
 
     @property
     def rows(self) -> int:
         return self.stop - self.start
+
+
+class UnitTask(RowRange):
+    """One unit of source rows to compute into a shard."""
+
+    unit: str = Field(description="content key of the unit (source content, range, settings, duplicates)")
+    name: str = Field(description="shard file stem: <unit>-<groups key>")
+    dup: list[int] = Field(default_factory=list, description="row offsets (in the unit) of duplicate ids")
+    need: list[str] = Field(description="column groups whose stage runs (on rows not reused)")
+    reuse_groups: list[str] = Field(default_factory=list, description="groups taken from `reuse_path` by id")
+    reuse_path: str | None = Field(None, description="filesystem path of the previous shard of this unit")
 
 
 class ShardResult(StrictModel):

@@ -10,6 +10,7 @@ Layout of a cache root::
     shards/<unit>-<groups>.json          `ShardEntry` sidecar: written after the shard, marks the unit complete
     quarantine/<unit>-<groups>.parquet   rows that failed, with the reason (`QUARANTINE_SCHEMA`)
     prefix/<encoder>-<fingerprint>.safetensors   shared prefix states of one encoder, tensor `PREFIX_TENSOR`
+    plan/dedupe-<key>.json        builder's memo of duplicate-id rows per source state (not read by readers)
 
 Commit protocol: shard and quarantine files are written atomically (temp file + rename locally; one PUT on
 S3, which makes an object visible only when complete), then the sidecar; the manifest is written last. A
@@ -66,6 +67,7 @@ MANIFEST_DIR = "manifests"
 SHARD_DIR = "shards"
 QUARANTINE_DIR = "quarantine"
 PREFIX_DIR = "prefix"
+PLAN_DIR = "plan"
 PREFIX_TENSOR = "prefix_states"
 MANIFEST_RE = re.compile(r"^v(\d{6})\.json$")
 

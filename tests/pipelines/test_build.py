@@ -119,7 +119,13 @@ def test_training_inputs_arrow_and_ray_agree(built, ray_local):
     assert sorted(seen) == sorted(arrow.column(C.COL_ID).to_pylist())
 
 
-def test_rebuild_computes_nothing(built, cache_starter):
+def test_rebuild_computes_nothing(built, cache_starter, monkeypatch):
+    import pipelines.dedupe
+
+    def scan(*args):
+        raise AssertionError("unchanged sources were scanned for duplicate ids again")
+
+    monkeypatch.setattr(pipelines.dedupe, "find_duplicates", scan)  # the memo under plan/ answers
     out, s = built
     again = build_cache(CacheBuildConfig.model_validate(cache_config(cache_starter, out)))
     assert again["computed"] == {"latents": 0, "llama": 0, "qwen2": 0}
