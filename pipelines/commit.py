@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 
 from lidit.cache import contract as C
-from lidit.cache.reader import list_versions
 from lidit.cache.storage import Location
 from pipelines.plan import Plan
 
@@ -44,11 +43,17 @@ def is_new_content(plan: Plan, manifest: C.Manifest) -> bool:
 
 
 def commit_manifest(out: Location, manifest: C.Manifest) -> None:
-    """Write `manifest` as its version, or raise `CommitConflictError` if that version already exists."""
-    if list_versions(out) and max(list_versions(out)) >= manifest.version:
-        raise CommitConflictError(
-            f"{out.uri}: version {manifest.version} was committed by another build meanwhile"
-        )
-    out.write_bytes_atomic(
-        out.join(C.manifest_name(manifest.version)), manifest.model_dump_json(indent=1).encode()
+    """Write `manifest` as its version, or raise `CommitConflictError` if another build got there first.
+
+    The write itself is the arbiter (create-only: `If-None-Match: *` on S3, a hard link locally), so of two
+    builds that planned on the same latest version exactly one commits; no check-then-write.
+    """
+    conflict = CommitConflictError(
+        f"{out.uri}: version {manifest.version} was committed by another build meanwhile"
     )
+    try:
+        out.write_bytes_exclusive(
+            out.join(C.manifest_name(manifest.version)), manifest.model_dump_json(indent=1).encode()
+        )
+    except FileExistsError:
+        raise conflict from None

@@ -72,6 +72,31 @@ class Location:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
+    def write_bytes_exclusive(self, path: str, data: bytes) -> None:
+        """Like `write_bytes_atomic`, but only if `path` does not exist yet: `FileExistsError` otherwise, and
+        of two racing writers exactly one succeeds (a conditional PUT `If-None-Match: *` on S3; a hard link,
+        which fails on an existing name, locally)."""
+        if is_s3(self.uri):
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                raise
+            except OSError as exc:  # s3fs maps a 412 without its Condition field to a plain OSError
+                if "precondition" in str(exc).lower():
+                    raise FileExistsError(f"{self.uri_of(path)} already exists") from exc
+                raise
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+
     def pyarrow_fs(self) -> pafs.FileSystem:
         """A pyarrow filesystem for `ray.data.read_parquet` / `pyarrow.parquet` over `path`s."""
         if is_s3(self.uri):

@@ -28,7 +28,8 @@ def s3_server(monkeypatch):
     import s3fs
 
     fs = s3fs.S3FileSystem(**opts)
-    fs.mkdir("lidit-test")
+    if not fs.exists("lidit-test"):  # moto's backend is per process: a second server sees the bucket
+        fs.mkdir("lidit-test")
     yield fs, opts
     server.stop()
 
@@ -63,3 +64,54 @@ def test_build_and_read_on_s3(cache_starter, ray_local, s3_server):
 
     again = build_cache(CacheBuildConfig.model_validate(cfg))  # incremental on S3 too
     assert again["computed"] == {"latents": 0, "llama": 0, "qwen2": 0} and not again["new_version"]
+
+
+def test_racing_builds_commit_exactly_one_version(
+    cache_starter, ray_local, s3_server, monkeypatch, capsys, tmp_path
+):
+    """Two builds plan on the same (empty) cache and reach the commit together: the conditional PUT lets one
+    version land; the other build exits 1 with one line."""
+    import threading
+
+    import yaml
+
+    import pipelines.build
+    from lidit.cache.storage import open_location
+    from pipelines.commit import commit_manifest
+
+    fs, opts = s3_server
+    first = sorted(Path(cache_starter.train_parquet).glob("*.parquet"))[0]
+    fs.put(str(first), "lidit-test/src/part-0.parquet")
+    cfg = cache_config(
+        cache_starter,
+        "s3://lidit-test/race",
+        sources=[{"uri": "s3://lidit-test/src"}],
+        storage_options=opts,
+        rows_per_shard=50,
+    )
+    barrier = threading.Barrier(2, timeout=600)
+
+    def commit_together(out, manifest):  # both builds have planned v1 before either writes it
+        barrier.wait()
+        commit_manifest(out, manifest)
+
+    monkeypatch.setattr(pipelines.build, "commit_manifest", commit_together)
+    config = tmp_path / "race.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    codes: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: codes.append(pipelines.build.main([str(config)]))) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert sorted(codes) == [0, 1]
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "version 1 was committed by another build meanwhile" in err[0], err
+    assert fs.ls("lidit-test/race/manifests") == ["lidit-test/race/manifests/v000001.json"]
+    loc = open_location("s3://lidit-test/race", opts)
+    assert CacheReader("s3://lidit-test/race", storage_options=opts).manifest.version == 1
+    # the arbiter itself: a create-only write of an existing manifest fails
+    with pytest.raises(FileExistsError):
+        loc.write_bytes_exclusive(loc.join("manifests/v000001.json"), b"{}")
