@@ -55,6 +55,14 @@ class EncodedPrompts:
         return [s[:n] for s, n in zip(self.states, self.lengths.tolist(), strict=True)]
 
 
+def encoder_fingerprint(config: EncoderConfig) -> str:
+    """`PromptEncoder.fingerprint` without loading the model (reads the files only while their hash is unknown)."""
+    cfg = config.model_dump()
+    cfg.pop("path")  # where the files live does not change the features
+    cfg.pop("name")
+    return hash_json({"model": hash_model_dir(config.path), "config": cfg})[:16]
+
+
 class PromptTooLongError(ValueError):
     """A prompt has more tokens than `max_length`."""
 
@@ -72,7 +80,8 @@ class PromptEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[config.dtype])
         # The LM head is never used: keep only the decoder stack (saves memory on big vocabularies).
-        self.model = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
+        # `base_model` (the `model.` submodule) on every release; `get_decoder()` is None on some 4.x CausalLMs.
+        self.model = lm.base_model
         self.model.to(self.device).eval().requires_grad_(False)
         num_layers = self.model.config.num_hidden_layers
         if not -(num_layers + 1) <= config.layer <= num_layers:
@@ -114,10 +123,7 @@ class PromptEncoder:
     @cached_property
     def fingerprint(self) -> str:
         """Weights + config + tokenizer + layer + prefix text + dtype: any change means new features."""
-        cfg = self.config.model_dump()
-        cfg.pop("path")  # where the files live does not change the features
-        cfg.pop("name")
-        return hash_json({"model": hash_model_dir(self.config.path), "config": cfg})[:16]
+        return encoder_fingerprint(self.config)
 
     def token_lengths(self, prompts: list[str]) -> list[int]:
         """Number of prompt tokens (no prefix, no special tokens) of each prompt."""

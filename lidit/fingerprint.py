@@ -3,12 +3,18 @@
 What the cache, the starter build and the registry use to tell stale from fresh. Each function's output is
 recorded in existing manifests and starter summaries, so none of them may change what it returns:
 `hash_model_dir` (encoder/VAE fingerprints in cache manifests) keeps its original unframed layout.
+
+`hash_model_dir` reads every weight byte once per directory state: its digest is memoised under
+`$LIDIT_HOME/fingerprints/`, keyed by the directory's path and each file's name, size and mtime (the rule make
+and rsync use), so a build over unchanged 30 GB checkpoints does not rehash them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +38,37 @@ def hash_file(path: str | Path, digest: Any | None = None) -> str:
 
 
 def hash_model_dir(path: str | Path) -> str:
-    """sha256 over the names and bytes of a checkpoint directory's weight, config and tokenizer files."""
+    """sha256 over the names and bytes of a checkpoint directory's weight, config and tokenizer files.
+
+    Memoised by (path, file names, sizes, mtimes): unchanged files are not read again (see the module doc).
+    """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"model directory not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
+    stats = [(str(f.relative_to(root)), f.stat()) for f in files]
+    listing = [str(root.resolve())] + [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
+    memo = _memo_dir() / f"{hash_json(listing)[:40]}.sha256"
+    if memo.is_file():
+        return memo.read_text().strip()
     h = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES):
+    for file in files:
         h.update(str(file.relative_to(root)).encode())
         hash_file(file, h)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:  # a read-only home only costs the rehash next time
+        pass
+    return digest
+
+
+def _memo_dir() -> Path:
+    # LIDIT_HOME as lidit.config.lidit_home reads it; not imported from there to keep this module dependency-free
+    return Path(os.environ.get("LIDIT_HOME", ".lidit")).expanduser() / "fingerprints"
 
 
 def hash_files(root: str | Path, files: list[Path]) -> str:

@@ -25,7 +25,8 @@ from lidit.config import ConfigError
 from pipelines.args import add_build_arguments
 from pipelines.commit import CommitConflictError, assemble_manifest, commit_manifest, is_new_content
 from pipelines.config import CacheBuildConfig, load_build_config
-from pipelines.plan import plan_build
+from pipelines.plan import image_settings, plan_build
+from pipelines.prefix import encoder_entry
 from pipelines.tasks import ShardResult, UnitTask
 
 
@@ -68,20 +69,18 @@ def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
 def _build(cfg: CacheBuildConfig, session: _RaySession) -> dict[str, Any]:
     from pipelines.dedupe import find_duplicates  # these import Ray
     from pipelines.execute import run_units
+    from pipelines.models import describe_models
 
     def find(ranges):
-        session.up()
         _progress(cfg.progress, f"scanning ids of {len(ranges)} row ranges for duplicates")
         return find_duplicates(ranges, cfg.storage_options, cfg.decode.num_cpus)
 
     t0 = time.perf_counter()
     out = open_location(cfg.output, cfg.storage_options)
     _progress(cfg.progress, f"planning {out.uri}")
-    plan = plan_build(cfg, out, find)
-    for e in plan.encoders:  # prefix files first: content-addressed, so rewriting is harmless
-        path = out.join(e.prefix_file)
-        if not out.exists(path):
-            out.write_bytes_atomic(path, plan.prefixes[e.name])
+    session.up()  # the models are described by Ray tasks, where they are mounted
+    vae, encoders = describe_models(cfg, image_settings(cfg))
+    plan = plan_build(cfg, out, vae, encoders, find)
     entries: dict[str, C.ShardEntry] = {}
     computed: Counter = Counter({g: 0 for g in plan.spec.groups})
     task_names = {t.name for t in plan.tasks}
@@ -114,7 +113,7 @@ def _build(cfg: CacheBuildConfig, session: _RaySession) -> dict[str, Any]:
         )
         try:
             t_run = time.perf_counter()
-            stats = run_units(cfg, plan.spec, plan.tasks, on_shard)
+            stats = run_units(cfg, plan.spec, plan.tasks, plan.encoders, on_shard)
             if stats.steady_rows_per_s is not None:
                 timing = {
                     "first_shard_s": round(t_run - t0 + (stats.first_shard_s or 0.0), 2),
@@ -129,10 +128,11 @@ def _build(cfg: CacheBuildConfig, session: _RaySession) -> dict[str, Any]:
     if missing:
         raise RuntimeError(f"internal error: build ended with {len(missing)} incomplete units: {missing[:3]}")
     shards = [entries[n] for n in plan.names]
-    manifest = assemble_manifest(plan, shards)
+    completed = [encoder_entry(out.uri, cfg.storage_options, e) for e in plan.encoders]
+    manifest = assemble_manifest(plan, shards, [e for e, _ in completed])
     new_version = is_new_content(plan, manifest)
     rows = manifest.rows
-    total_bytes = sum(s.bytes for s in shards) + sum(len(b) for b in plan.prefixes.values())
+    total_bytes = sum(s.bytes for s in shards) + sum(size for _, size in completed)
     summary: dict[str, Any] = {
         "uri": out.uri,
         "version": manifest.version if new_version else plan.previous.version,

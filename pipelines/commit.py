@@ -19,8 +19,8 @@ class CommitConflictError(RuntimeError):
     hint = "rerun the build: it reuses every shard already written and commits the next version"
 
 
-def assemble_manifest(plan: Plan, shards: list[C.ShardEntry]) -> C.Manifest:
-    """The manifest of the plan's version over `shards` (in output order)."""
+def assemble_manifest(plan: Plan, shards: list[C.ShardEntry], encoders: list[C.EncoderEntry]) -> C.Manifest:
+    """The manifest of the plan's version over `shards` (in output order) and the completed encoder entries."""
     qcounts: dict[str, int] = {}
     for s in shards:
         for reason, n in s.quarantine_counts.items():
@@ -32,7 +32,7 @@ def assemble_manifest(plan: Plan, shards: list[C.ShardEntry]) -> C.Manifest:
         sources=plan.sources,
         image=plan.spec.image,
         vae=plan.vae,
-        encoders=plan.encoders,
+        encoders=encoders,
         shards=shards,
         quarantine_counts=dict(sorted(qcounts.items())),
     )

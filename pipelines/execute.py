@@ -16,6 +16,7 @@ from typing import Any
 
 from lidit.cache import contract as C
 from pipelines.config import CacheBuildConfig, StageResources
+from pipelines.models import EncoderInfo
 from pipelines.shard import write_shard
 from pipelines.stages import EncoderStage, VaeStage, prepare_unit
 from pipelines.tasks import BuildSpec, ShardResult, UnitTask
@@ -62,6 +63,7 @@ def run_units(
     cfg: CacheBuildConfig,
     spec: BuildSpec,
     tasks: list[UnitTask],
+    encoders: list[EncoderInfo],
     on_shard: Callable[[UnitTask, ShardResult, RunStats], None],
 ) -> RunStats:
     """Compute and write every task's shard; `on_shard` is called on the driver as each one lands."""
@@ -76,9 +78,14 @@ def run_units(
         pools[C.LATENT_GROUP] = _Pool(
             VaeStage, cfg.vae_stage, {"vae_path": cfg.vae, "dtype": cfg.latent_dtype}
         )
-    for ec in cfg.encoders:
+    for ec, info in zip(cfg.encoders, encoders, strict=True):
         if ec.name in needed:
-            kwargs = {"encoder_config": ec.model_dump(mode="json"), "dtype": cfg.states_dtype}
+            kwargs = {
+                "encoder_config": ec.model_dump(mode="json"),
+                "dtype": cfg.states_dtype,
+                "fingerprint": info.fingerprint,
+                "prefix": (spec.output_uri, spec.storage_options, info.prefix_file),
+            }
             pools[ec.name] = _Pool(EncoderStage, cfg.encoder_stage, kwargs)
     prepare = ray.remote(prepare_unit).options(num_cpus=cfg.decode.num_cpus)
     write = ray.remote(write_shard).options(num_cpus=cfg.decode.num_cpus)

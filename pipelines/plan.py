@@ -1,4 +1,4 @@
-"""Plan a cache build on the driver: list sources, fingerprint VAE/encoders/units, decide per unit what to reuse.
+"""Plan a cache build on the driver: list sources, key the units, decide per unit what to reuse.
 
 Reuse, in order: a shard with the same unit and group fingerprints (from any earlier build, finished or
 killed) is taken as is; otherwise the unit's shard in the latest version lends the groups whose fingerprint
@@ -8,19 +8,16 @@ still matches (looked up by id) and only stale groups are computed.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from safetensors.torch import save as save_safetensors
 
 from lidit.cache import contract as C
 from lidit.cache.reader import load_manifest
 from lidit.cache.storage import Location
 from lidit.config import ConfigError
-from lidit.encoder import PromptEncoder
-from lidit.fingerprint import hash_bytes, hash_json, hash_model_dir
+from lidit.fingerprint import hash_json
 from pipelines.config import CacheBuildConfig
+from pipelines.models import EncoderInfo
 from pipelines.sources import SourceFile, discover
 from pipelines.tasks import BuildSpec, EncoderSpec, RowRange, UnitTask
 
@@ -34,8 +31,7 @@ class Plan:
     spec: BuildSpec
     sources: list[C.SourceEntry]
     vae: C.VaeEntry
-    encoders: list[C.EncoderEntry]
-    prefixes: dict[str, bytes]  # encoder -> safetensors bytes of its prefix states
+    encoders: list[EncoderInfo]  # manifest entries but the prefix, which the encoder actors write
     names: list[str]  # shard name of every unit, in output order
     tasks: list[UnitTask]  # units to compute
     previous: C.Manifest | None
@@ -49,54 +45,6 @@ def image_settings(cfg: CacheBuildConfig) -> C.ImageSettings:
         max_image_pixels=cfg.max_image_pixels,
         min_image_side=cfg.min_image_side,
     )
-
-
-def _vae_entry(cfg: CacheBuildConfig, image: C.ImageSettings) -> C.VaeEntry:
-    from diffusers import AutoencoderKL
-
-    if not os.path.isdir(cfg.vae):
-        raise ConfigError(f"vae: directory not found: {cfg.vae}")
-    vcfg = AutoencoderKL.load_config(cfg.vae)
-    fp = hash_model_dir(cfg.vae)[:16]
-    return C.VaeEntry(
-        path=cfg.vae,
-        fingerprint=fp,
-        group_fingerprint=hash_json([fp, cfg.latent_dtype, image.model_dump(mode="json")])[:16],
-        latent_channels=int(vcfg["latent_channels"]),
-        scale=2 ** (len(vcfg["block_out_channels"]) - 1),
-        scaling_factor=float(vcfg.get("scaling_factor") or 1.0),
-        shift_factor=float(vcfg.get("shift_factor") or 0.0),
-        latents_mean=vcfg.get("latents_mean"),
-        latents_std=vcfg.get("latents_std"),
-        dtype=cfg.latent_dtype,
-    )
-
-
-def _encoder_entries(cfg: CacheBuildConfig) -> tuple[list[C.EncoderEntry], dict[str, bytes]]:
-    entries, prefixes = [], {}
-    for ec in cfg.encoders:
-        if not os.path.isdir(ec.path):
-            raise ConfigError(f"encoders.{ec.name}.path: directory not found: {ec.path}")
-        enc = PromptEncoder(ec)  # loads the LM once on the driver: fingerprint + shared prefix states
-        prefix = enc.prefix_states.detach().to("cpu", C.torch_dtype(cfg.states_dtype)).contiguous()
-        data = save_safetensors({C.PREFIX_TENSOR: prefix}, metadata={"encoder": ec.name})
-        fp = enc.fingerprint
-        entries.append(
-            C.EncoderEntry(
-                name=ec.name,
-                config=ec.model_dump(mode="json"),
-                fingerprint=fp,
-                group_fingerprint=hash_json([fp, cfg.states_dtype])[:16],
-                hidden_size=enc.hidden_size,
-                prefix_len=enc.prefix_len,
-                dtype=cfg.states_dtype,
-                prefix_file=f"{C.PREFIX_DIR}/{ec.name}-{fp}.safetensors",
-                prefix_sha256=hash_bytes(data),
-            )
-        )
-        prefixes[ec.name] = data
-        del enc
-    return entries, prefixes
 
 
 def _complete_shards(out: Location) -> set[str]:
@@ -127,14 +75,19 @@ def _duplicates(
     return dups
 
 
-def plan_build(cfg: CacheBuildConfig, out: Location, find_duplicates: FindDuplicates) -> Plan:
-    """Discover sources, fingerprint everything, and decide per unit: reuse, partially reuse, or compute.
+def plan_build(
+    cfg: CacheBuildConfig,
+    out: Location,
+    vae: C.VaeEntry,
+    encoders: list[EncoderInfo],
+    find_duplicates: FindDuplicates,
+) -> Plan:
+    """Discover sources, key the units, and decide per unit: reuse, partially reuse, or compute.
 
+    `vae` / `encoders` come from `pipelines.models.describe_models` (read where the models are, not here);
     `find_duplicates(ranges)` returns range index -> duplicate row offsets (`pipelines.dedupe` on Ray); it is
     called only when the sources changed since the last build."""
     image = image_settings(cfg)
-    vae = _vae_entry(cfg, image)
-    encoders, prefixes = _encoder_entries(cfg)
     groups = {C.LATENT_GROUP: vae.group_fingerprint} | {e.name: e.group_fingerprint for e in encoders}
     groups_key = hash_json(groups)[:12]
     spec = BuildSpec(
@@ -211,4 +164,4 @@ def plan_build(cfg: CacheBuildConfig, out: Location, find_duplicates: FindDuplic
     sources = [
         C.SourceEntry(uri=f.uri, format=f.format, fingerprint=f.fingerprint, rows=f.rows) for f in files
     ]
-    return Plan(spec, sources, vae, encoders, prefixes, names, tasks, previous, stages)
+    return Plan(spec, sources, vae, encoders, names, tasks, previous, stages)

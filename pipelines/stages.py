@@ -298,14 +298,29 @@ class EncoderStage(_BatchedStage):
     """Actor: captions -> one encoder's prompt-token states (prefix shared, no padding stored)."""
 
     def __init__(
-        self, encoder_config: dict[str, Any], dtype: str, device: str, threads: int | None, batch_size: int
+        self,
+        encoder_config: dict[str, Any],
+        dtype: str,
+        fingerprint: str,
+        prefix: tuple[str, dict, str],
+        device: str,
+        threads: int | None,
+        batch_size: int,
     ) -> None:
         from lidit.encoder import EncoderConfig, PromptEncoder
+        from pipelines.prefix import write_prefix
 
         _set_threads(threads)
         self.batch_size = batch_size
         self.encoder = PromptEncoder(EncoderConfig.model_validate(encoder_config), device=device)
         self.dtype = dtype
+        if self.encoder.fingerprint != fingerprint:
+            raise RuntimeError(
+                f"encoder {self.encoder.name}: model files changed since planning "
+                f"(fingerprint {self.encoder.fingerprint}, planned {fingerprint}); rerun the build"
+            )
+        # Before any row: a shard with this encoder's states always has its prefix file (contract).
+        write_prefix(*prefix, self.encoder, dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         name = self.encoder.name

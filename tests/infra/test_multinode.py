@@ -73,12 +73,17 @@ def test_job_reaches_both_nodes(cluster: LocalRayCluster) -> None:
 
 def test_cache_build_job_on_two_nodes(cluster: LocalRayCluster, starter_micro, tmp_path: Path) -> None:
     """`ray job submit --working-dir . -- python -m pipelines.build configs/starter/cache.yaml ...` builds a
-    complete cache: driver on the head, every pipeline task and actor (shard writes included) on the worker node."""
+    complete cache: driver on the head, unable to read the model directories; every pipeline task and actor
+    (model description, shard writes included) on the worker node."""
     home = cluster.root / "home"  # the job's LIDIT_HOME: ${LIDIT_HOME}/starter is the micro starter set
     home.mkdir()
     (home / "starter").symlink_to(starter_micro.root, target_is_directory=True)
     out = tmp_path / "cache"
-    entry = ["python", "-m", "pipelines.build", "configs/starter/cache.yaml", "--output", str(out), "--json"]
+    # The head mounts no models (as in infra/kuberay/rayjob-cache.yaml): the driver may not read them; its
+    # Ray workers on the worker node may. Sources and the cache root stay readable to both.
+    models = ":".join(str(home / "starter" / m) for m in ("vae", "lm_llama", "lm_qwen2"))
+    entry = ["python", "-m", "tests.infra.forbid_paths", models, "--"]
+    entry += ["pipelines.build", "configs/starter/cache.yaml", "--output", str(out), "--json"]
     for kv in ["rows_per_shard=100", "mlflow=false", "vae_stage.threads=1", "encoder_stage.threads=1"]:
         entry += ["--set", kv]
     sid, run = cluster.submit(
@@ -111,13 +116,14 @@ def test_cache_build_job_on_two_nodes(cluster: LocalRayCluster, starter_micro, t
     assert manifest.rows > 0 and [e.name for e in manifest.encoders] == ["llama", "qwen2"]
     summary = json.loads(next(ln for ln in reversed(logs.splitlines()) if ln.startswith("{")))
     assert summary["rows"] == manifest.rows, summary
+    assert "paths unreadable to this process" in logs  # the driver ran (and self-checked) without the models
 
     # Both nodes did work: the driver on the head (planning, manifest commit), every pipeline task and actor
     # (decode, VAE, encoders, shard writes) on the worker. Only Ray Data's 0-CPU bookkeeping actors may run
     # on the head besides the driver.
     assert info["driver_node_id"] == cluster.head_node_id
     tasks = [t for t in cluster.tasks(info["job_id"]) if t.get("type") != "DRIVER_TASK" and t.get("node_id")]
-    stages = ("prepare_unit", "VaeStage", "EncoderStage", "write_shard")
+    stages = ("describe_vae", "describe_encoder", "prepare_unit", "VaeStage", "EncoderStage", "write_shard")
     placed: dict[str, set[str]] = {}
     for t in tasks:
         if any(s in t["name"] for s in stages):

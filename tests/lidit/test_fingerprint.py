@@ -36,3 +36,22 @@ def test_one_default_instruction() -> None:
 
     assert EncoderConfig(name="x", path="/m").instruction == DEFAULT_INSTRUCTION is starter_instruction
     assert DEFAULT_INSTRUCTION.startswith("Describe the image by detailing the color, shape")
+
+
+def test_model_dir_hash_is_memoised_by_size_and_mtime(tmp_path: Path, monkeypatch) -> None:
+    """Unchanged files (same names, sizes, mtimes) are not read again; a touched file is."""
+    import os
+
+    monkeypatch.setenv("LIDIT_HOME", str(tmp_path / "home"))
+    model = tmp_path / "model"
+    model.mkdir()
+    _tree(model)
+    weights = model / "sub" / "w.safetensors"
+    first = hash_model_dir(model)
+    assert first[:16] == "0aeae0efd28eb2d3" and list((tmp_path / "home" / "fingerprints").iterdir())
+    st = weights.stat()
+    weights.write_bytes(b"\x00\x02weights")  # same size; mtime restored below: the memo answers
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert hash_model_dir(model) == first
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a touch: rehashed, new content seen
+    assert hash_model_dir(model) != first
