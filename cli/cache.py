@@ -27,11 +27,27 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"cache {info['uri']} version {info['version']}: {info['rows']} rows in {info['shards']} shards")
-    print(f"  {info['bytes_per_sample']:.0f} bytes/sample; quarantined {info['quarantine_counts'] or 'none'}")
+    print(
+        f"cache {info['uri']} version {info['version']} (versions: {', '.join(map(str, info['versions']))})"
+    )
+    print(f"  {info['rows']} rows in {info['shards']} shards, {info['bytes_per_sample']:.0f} bytes/sample")
+    print(f"  quarantined {info['quarantine_counts'] or 'none'}")
     for name, e in info["encoders"].items():
-        print(f"  encoder {name}: hidden {e['hidden_size']}, fingerprint {e['fingerprint']}")
-    print(f"  vae {info['vae']['path']} ({info['vae']['fingerprint']})")
+        print(
+            f"  encoder {name}: {e['path']} layer {e['layer']}, max_length {e['max_length']}, "
+            f"prefix {e['prefix_len']} tokens, hidden {e['hidden_size']}, stored {e['dtype']} "
+            f"(computed {e['compute_dtype']}), fingerprint {e['fingerprint']}"
+        )
+        print(
+            f"    instruction: {e['instruction']!r}"
+            + (f", system prompt: {e['system_prompt']!r}" if e["system_prompt"] else "")
+        )
+    v = info["vae"]
+    shapes = ", ".join(f"{b} -> {'x'.join(map(str, s))}" for b, s in v["latent_shapes"].items())
+    print(
+        f"  vae {v['path']} ({v['fingerprint']}): stored {v['dtype']}, latents (C, H, W) per bucket: {shapes}"
+    )
+    print(f"  buckets (resolution {info['resolution']}): {', '.join(info['buckets'])}")
     return 0
 
 

@@ -199,20 +199,46 @@ class CacheReader:
                 yield batch_to_training_inputs(pa.concat_tables(parts), self)
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able summary (what `lidit cache info` prints)."""
+        """A JSON-able summary (what `lidit cache info` prints): what a data engineer checks before training."""
         m = self.manifest
         total_bytes = sum(s.bytes for s in m.shards)
+        v = m.vae
         return {
             "uri": self.uri,
             "version": m.version,
+            "versions": list_versions(self.location),
             "rows": m.rows,
             "shards": len(m.shards),
             "bytes": total_bytes,
             "bytes_per_sample": total_bytes / m.rows if m.rows else 0.0,
             "encoders": {
-                e.name: {"fingerprint": e.fingerprint, "hidden_size": e.hidden_size} for e in m.encoders
+                e.name: {
+                    "path": e.config.get("path"),
+                    "layer": e.config.get("layer"),
+                    "instruction": e.config.get("instruction"),
+                    "system_prompt": e.config.get("system_prompt"),
+                    "max_length": e.config.get("max_length"),
+                    "compute_dtype": e.config.get("dtype"),
+                    "prefix_len": e.prefix_len,
+                    "hidden_size": e.hidden_size,
+                    "dtype": e.dtype,
+                    "fingerprint": e.fingerprint,
+                }
+                for e in m.encoders
             },
-            "vae": {"path": m.vae.path, "fingerprint": m.vae.fingerprint},
+            "vae": {
+                "path": v.path,
+                "fingerprint": v.fingerprint,
+                "dtype": v.dtype,
+                "latent_channels": v.latent_channels,
+                "scale": v.scale,
+                # (C, H, W) of each bucket's latents
+                "latent_shapes": {
+                    f"{w}x{h}": [v.latent_channels, h // v.scale, w // v.scale] for w, h in m.image.buckets
+                },
+            },
+            "buckets": [f"{w}x{h}" for w, h in m.image.buckets],
+            "resolution": m.image.resolution,
             "sources": [s.uri for s in m.sources],
             "quarantine_counts": m.quarantine_counts,
             "created_at": m.created_at,

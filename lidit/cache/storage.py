@@ -64,13 +64,7 @@ class Location:
         if is_s3(self.uri):
             self.fs.pipe_file(path, data)  # S3 objects become visible only when the upload completes
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_local_temp(path, data), path)
 
     def write_bytes_exclusive(self, path: str, data: bytes) -> None:
         """Like `write_bytes_atomic`, but only if `path` does not exist yet: `FileExistsError` otherwise, and
@@ -86,12 +80,7 @@ class Location:
                     raise FileExistsError(f"{self.uri_of(path)} already exists") from exc
                 raise
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temp(path, data)
         try:
             os.link(tmp, path)
         finally:
@@ -102,6 +91,17 @@ class Location:
         if is_s3(self.uri):
             return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
         return pafs.LocalFileSystem()
+
+
+def _local_temp(path: str, data: bytes) -> str:
+    """`data` durably in a temp file beside `path` (same filesystem, so a rename or link of it is atomic)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def open_location(uri: str, storage_options: dict[str, Any] | None = None) -> Location:

@@ -105,3 +105,14 @@ def test_dirty_sources_quarantined_with_reasons(cache_starter, ray_local, tmp_pa
     assert rc == 0 and lidit_main(["cache", "info", s["uri"], "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rows"] == 4 and info["quarantine_counts"] == s["quarantined"]
+    assert info["versions"] == [1] and info["buckets"] == [
+        f"{w}x{h}" for w, h in reader.manifest.image.buckets
+    ]
+    llama = info["encoders"]["llama"]
+    assert llama["path"] == str(cache_starter.lm_llama) and llama["layer"] == -3 and llama["max_length"] == 64
+    assert llama["prefix_len"] == reader.prefix_states("llama").shape[0] > 0 and llama["dtype"] == "float16"
+    assert llama["instruction"] == reader.encoder_config("llama")["instruction"]
+    assert info["vae"]["latent_shapes"]["64x64"] == [4, 16, 16]  # the 64x64 bucket's latents seen above
+    assert lidit_main(["cache", "info", s["uri"]]) == 0
+    text = capsys.readouterr().out
+    assert "versions: 1" in text and "layer -3, max_length 64" in text and "64x64 -> 4x16x16" in text

@@ -34,19 +34,24 @@ def s3_server(monkeypatch):
     server.stop()
 
 
-def test_build_and_read_on_s3(cache_starter, ray_local, s3_server):
-    import ray
-
-    fs, opts = s3_server
+def _s3_config(cache_starter, fs, opts: dict, out: str) -> dict:
+    """A build of the micro train split's first file (100 rows), uploaded to the bucket, into s3://.../OUT."""
     first = sorted(Path(cache_starter.train_parquet).glob("*.parquet"))[0]
     fs.put(str(first), "lidit-test/src/part-0.parquet")
-    cfg = cache_config(
+    return cache_config(
         cache_starter,
-        "s3://lidit-test/cache",
+        f"s3://lidit-test/{out}",
         sources=[{"uri": "s3://lidit-test/src"}],
         storage_options=opts,
         rows_per_shard=50,
     )
+
+
+def test_build_and_read_on_s3(cache_starter, ray_local, s3_server):
+    import ray
+
+    fs, opts = s3_server
+    cfg = _s3_config(cache_starter, fs, opts, "cache")
     s = build_cache(CacheBuildConfig.model_validate(cfg))
     assert s["uri"] == "s3://lidit-test/cache" and s["shards"] == 2
     assert s["rows"] + s["quarantined_total"] == 100
@@ -80,15 +85,7 @@ def test_racing_builds_commit_exactly_one_version(
     from pipelines.commit import commit_manifest
 
     fs, opts = s3_server
-    first = sorted(Path(cache_starter.train_parquet).glob("*.parquet"))[0]
-    fs.put(str(first), "lidit-test/src/part-0.parquet")
-    cfg = cache_config(
-        cache_starter,
-        "s3://lidit-test/race",
-        sources=[{"uri": "s3://lidit-test/src"}],
-        storage_options=opts,
-        rows_per_shard=50,
-    )
+    cfg = _s3_config(cache_starter, fs, opts, "race")
     barrier = threading.Barrier(2, timeout=600)
 
     def commit_together(out, manifest):  # both builds have planned v1 before either writes it
