@@ -25,6 +25,12 @@ def operational_error(exc: BaseException) -> CommandError | None:
         return CommandError(
             str(exc), "build it with `lidit cache build CONFIG.yaml`, or check the path/version"
         )
+    location = _type("lidit.locations", "ModelLocationError")
+    if location and isinstance(exc, location):
+        return CommandError(str(exc), "copy the model there, or change the models root")
+    mismatch = _type("lidit.pipeline", "FingerprintMismatchError")
+    if mismatch and isinstance(exc, mismatch):
+        return CommandError(str(exc), "serve with the encoders and VAE the version was trained on")
     transport = _type("httpx", "TransportError")
     if transport and isinstance(exc, transport):
         request = getattr(exc, "_request", None)

@@ -181,7 +181,7 @@ def train_variant(cfg: Any, variant: Any, seed: int, overrides: list[str], work:
     import mlflow
 
     from lidit.config import load_config
-    from lidit.registry import PIPELINE_ARTIFACT
+    from lidit.registry import PIPELINE_ARTIFACT, find_pipeline_dir
     from training.config import TrainConfig
     from training.train import run_training
 
@@ -197,7 +197,7 @@ def train_variant(cfg: Any, variant: Any, seed: int, overrides: list[str], work:
         "final_loss": trained["final_loss"],
         "train_seconds": trained["seconds"],
         "mlflow_run_id": trained["mlflow_run_id"],
-        "pipeline": local,
+        "pipeline": str(find_pipeline_dir(local)),  # under artifacts/pipeline/ of the pyfunc model dir
         "train_overrides": overrides,
         "steps": trained["steps"],
     }

@@ -3,11 +3,13 @@ decode); the generator knows no scheduler. Serving and the CLI call this object.
 
 A pipeline directory (what training exports and the registry stores):
 
-    pipeline.json        objective, sampler, encoder configs + fingerprints, VAE path + fingerprint
+    pipeline.json        objective, sampler, encoder configs + fingerprints, VAE location + fingerprint
     generator/           config.json + model.safetensors of the refiners + LI-DiT
 
-LLMs and the VAE are referenced by path (they are large and shared), with fingerprints that are checked
-when the pipeline loads, so a moved or changed encoder cannot silently serve wrong features.
+LLMs and the VAE are referenced by location, not copied (they are large and shared): `lidit-models://REL`
+under the models root each machine configures (`lidit.locations`), or an absolute path for models that were
+outside the root at export. Their fingerprints are checked when the pipeline loads, so a moved or changed
+encoder cannot silently serve wrong features.
 """
 
 from __future__ import annotations
@@ -25,14 +27,21 @@ from lidit.config import StrictModel
 from lidit.encoder import EncoderConfig, PromptEncoder
 from lidit.fingerprint import hash_model_dir
 from lidit.generator import LiDiTGenerator, TextFeatures
+from lidit.locations import is_portable, portable_location, resolve_location
+from lidit.locations import models_root as resolve_root
 from lidit.objectives import DEFAULT_SAMPLER, ObjectiveName, make_scheduler
 
 PIPELINE_CONFIG = "pipeline.json"
 GENERATOR_DIR = "generator"
 
 
+class FingerprintMismatchError(ValueError):
+    """An encoder or the VAE found at a pipeline's location is not the one it was trained on (one line)."""
+
+
 class PipelineSpec(StrictModel):
-    """Contents of pipeline.json."""
+    """Contents of pipeline.json. Encoder `path`s and `vae` are locations (see `lidit.locations`):
+    `lidit-models://REL` in a portable export, absolute paths in older ones or for models outside the root."""
 
     objective: ObjectiveName = "epsilon"
     sampler: str | None = None
@@ -45,6 +54,24 @@ class PipelineSpec(StrictModel):
     extra: dict[str, str] = Field(
         default_factory=dict, description="lineage: cache manifest, git commit, ..."
     )
+
+    def portable(self, root: str | Path) -> tuple[PipelineSpec, list[str]]:
+        """This spec with every model under `root` named `lidit-models://REL`, plus what stayed absolute."""
+        encoders = [e.model_copy(update={"path": portable_location(e.path, root)}) for e in self.encoders]
+        spec = self.model_copy(update={"encoders": encoders, "vae": portable_location(self.vae, root)})
+        kept = [f"encoder {e.name!r} at {e.path}" for e in encoders if not is_portable(e.path)]
+        if not is_portable(spec.vae):
+            kept.append(f"VAE at {spec.vae}")
+        return spec, kept
+
+    def resolved(self, root: str | Path) -> PipelineSpec:
+        """This spec with every location turned into a local directory under `root` (ModelLocationError if
+        one is missing): what `PromptEncoder` and `AutoencoderKL.from_pretrained` are given."""
+        encoders = [
+            e.model_copy(update={"path": resolve_location(e.path, root, f"encoder {e.name!r}")})
+            for e in self.encoders
+        ]
+        return self.model_copy(update={"encoders": encoders, "vae": resolve_location(self.vae, root, "VAE")})
 
 
 def vae_scale(vae: AutoencoderKL) -> int:
@@ -129,10 +156,12 @@ class LiDiTPipeline:
         device: str | torch.device = "cpu",
         load_encoders: bool = True,
         check_fingerprints: bool = True,
+        models_root: str | Path | None = None,
     ) -> LiDiTPipeline:
-        """Load an exported pipeline directory; encoders and VAE are loaded from the paths it references."""
+        """Load an exported pipeline directory; encoders and VAE are loaded from the locations it references,
+        resolved under `models_root` (default: `lidit.locations.models_root()`)."""
         directory = Path(directory)
-        spec = read_spec(directory)
+        spec = read_spec(directory).resolved(resolve_root(models_root))
         generator = LiDiTGenerator.from_pretrained(directory / GENERATOR_DIR, device=device)
         vae = AutoencoderKL.from_pretrained(spec.vae).to(device)
         encoders = [PromptEncoder(cfg, device=device) for cfg in spec.encoders] if load_encoders else None
@@ -283,15 +312,21 @@ def read_spec(directory: str | Path) -> PipelineSpec:
 
 
 def check_spec_fingerprints(spec: PipelineSpec, encoders: list[PromptEncoder] | None) -> None:
-    """Refuse to serve with encoders or a VAE that differ from the ones the generator was trained on."""
+    """Refuse to serve with encoders or a VAE that differ from the ones the generator was trained on.
+
+    `spec` is resolved (local paths). Raises `FingerprintMismatchError`, one line naming the model and where
+    it was found.
+    """
     for enc in encoders or []:
         want = spec.encoder_fingerprints.get(enc.name)
         if want and want != enc.fingerprint:
-            raise ValueError(
+            raise FingerprintMismatchError(
                 f"encoder {enc.name!r} at {enc.config.path} has fingerprint {enc.fingerprint}, "
                 f"but the generator was trained on {want}"
             )
     if spec.vae_fingerprint:
         got = hash_model_dir(spec.vae)[:16]
         if got != spec.vae_fingerprint:
-            raise ValueError(f"VAE at {spec.vae} has fingerprint {got}, expected {spec.vae_fingerprint}")
+            raise FingerprintMismatchError(
+                f"VAE at {spec.vae} has fingerprint {got}, but the generator was trained on {spec.vae_fingerprint}"
+            )

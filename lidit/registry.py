@@ -1,7 +1,8 @@
 """MLflow glue shared by training (register) and serving (resolve): one place for the registry contract.
 
-Contract: a registered model version's artifacts are a pipeline directory (`pipeline.json` + `generator/`, see
-`lidit.pipeline`) at the root of the version's source. Lineage lives in version tags (`cache_manifest`,
+Contract: a registered model version's source holds a pipeline directory (`pipeline.json` + `generator/`, see
+`lidit.pipeline`) at one of `PIPELINE_SUBDIRS`; training registers an MLflow pyfunc model directory with the
+pipeline under `artifacts/pipeline/` (`lidit.pyfunc`), so `mlflow.pyfunc.load_model` loads it too. Lineage lives in version tags (`cache_manifest`,
 `encoder.<name>`, `vae`, `git_commit`). Serving asks for `models:/NAME@ALIAS`, `models:/NAME/VERSION`, or a
 local export directory.
 """
@@ -18,6 +19,9 @@ from lidit.config import lidit_home, mlflow_artifact_root, mlflow_tracking_uri
 
 PIPELINE_ARTIFACT = "pipeline"
 MODELS_SCHEME = "models:/"
+# Where pipeline.json sits inside a version's source: at the root (a plain export), under pipeline/, or under
+# artifacts/pipeline/ of an MLflow pyfunc model directory (what training registers, see lidit.pyfunc).
+PIPELINE_SUBDIRS = ("", PIPELINE_ARTIFACT, f"artifacts/{PIPELINE_ARTIFACT}")
 
 
 @dataclass(frozen=True)
@@ -129,11 +133,16 @@ def fetch_pipeline(model_uri: str, dst: str | Path | None = None) -> Path:
         dst = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
     uri = f"models:/{resolved[0]}/{resolved[1]}" if resolved else model_uri
     path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    if not (path / "pipeline.json").is_file() and (path / PIPELINE_ARTIFACT / "pipeline.json").is_file():
-        path = path / PIPELINE_ARTIFACT
-    if not (path / "pipeline.json").is_file():
+    found = find_pipeline_dir(path)
+    if found is None:
         raise FileNotFoundError(f"{model_uri} does not hold a LI-DiT pipeline (no pipeline.json)")
-    return path
+    return found
+
+
+def find_pipeline_dir(path: str | Path) -> Path | None:
+    """The pipeline directory inside a downloaded version source (one of `PIPELINE_SUBDIRS`), or None."""
+    root = Path(path)
+    return next((root / sub for sub in PIPELINE_SUBDIRS if (root / sub / "pipeline.json").is_file()), None)
 
 
 def git_commit() -> str:

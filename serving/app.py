@@ -39,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 from lidit.config import lidit_home, load_config
 from lidit.encoder import PromptEncoder, features_from_parts
 from lidit.images import png_bytes
+from lidit.locations import models_root
 from lidit.pipeline import LiDiTPipeline, PipelineSpec, check_spec_fingerprints
 from serving.api import GenerationJob, deployment_error
 from serving.config import ServeConfig, hash_key
@@ -195,6 +196,7 @@ class TextEncoder:
 
     def _load(self, ref: ModelRef) -> _EncoderSet:
         spec = PipelineSpec.model_validate_json(fetch_spec_json(ref))  # pipeline.json only, no weights
+        spec = spec.resolved(models_root(self._cfg.models_root))  # lidit-models:// -> this node's dirs
         encoders = []
         for c in spec.encoders:
             key = c.model_dump_json()
@@ -341,7 +343,12 @@ class Generator:
     def _load(self, ref: ModelRef) -> LiDiTPipeline:
         path, tmp = materialize(ref)
         try:
-            return LiDiTPipeline.from_pretrained(path, device=self._cfg.resources.device, load_encoders=False)
+            return LiDiTPipeline.from_pretrained(
+                path,
+                device=self._cfg.resources.device,
+                load_encoders=False,
+                models_root=self._cfg.models_root,
+            )
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)  # weights are in memory now

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lidit.config import StrictModel
 from lidit.registry import parse_model_uri
@@ -214,6 +214,11 @@ class ServeConfig(StrictModel):
     app_name: str = "lidit"
     route_prefix: str = "/"
     models_dir: str | None = Field(None, description="download dir for registry versions; default LIDIT_HOME")
+    models_root: str | None = Field(
+        None,
+        description="where the lidit-models:// locations of encoders and VAE in pipeline.json resolve "
+        "(lidit.locations); default $LIDIT_MODELS_ROOT, else LIDIT_HOME",
+    )
     keep_models: int = Field(2, ge=1, description="versions kept loaded per replica (old one for in-flight)")
     lru_size: int = Field(1024, ge=0, description="prompt states kept by the text encoder (0 = off)")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -225,6 +230,12 @@ class ServeConfig(StrictModel):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     startup: StartupConfig = Field(default_factory=StartupConfig)
     logs: LogsConfig = Field(default_factory=LogsConfig)
+
+    @field_validator("models_root")
+    @classmethod
+    def _absolute_root(cls, value: str | None) -> str | None:
+        # Made absolute where the config is loaded: replicas run with another working directory.
+        return str(Path(value).expanduser().resolve()) if value else None
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

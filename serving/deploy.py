@@ -29,8 +29,9 @@ class DeployError(RuntimeError):
 
 # Where the deploying process finds its models. The app's builder task and its replicas run in workers of a Ray
 # that may have been started earlier, with another environment (a test session's Ray, another command's):
-# without these they resolve `models:/` against that environment's MLflow store and find nothing.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "LIDIT_HOME")
+# without these they resolve `models:/` against that environment's MLflow store and find nothing (and
+# `lidit-models://` encoder/VAE locations against its models root).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "LIDIT_HOME", "LIDIT_MODELS_ROOT")
 
 
 def app_config(cfg: ServeConfig) -> dict[str, Any]:

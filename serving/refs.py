@@ -75,14 +75,17 @@ def fetch_spec_json(ref: ModelRef) -> str:
         return (Path(ref.uri) / PIPELINE_CONFIG).read_text()
     import mlflow
 
-    from lidit.registry import PIPELINE_ARTIFACT
+    from lidit.registry import PIPELINE_SUBDIRS
 
     if ref.tracking_uri:
         mlflow.set_tracking_uri(ref.tracking_uri)
     source = mlflow.MlflowClient().get_model_version(parsed.name, parsed.version).source
     with tempfile.TemporaryDirectory(prefix="spec-") as tmp:
-        # Same two layouts `lidit.registry.fetch_pipeline` accepts: the spec at the root or under pipeline/.
-        for candidate in (f"{source}/{PIPELINE_CONFIG}", f"{source}/{PIPELINE_ARTIFACT}/{PIPELINE_CONFIG}"):
+        # The layouts `lidit.registry.fetch_pipeline` accepts (root, pipeline/, a pyfunc's artifacts/pipeline/).
+        for candidate in (
+            f"{source}/{sub}/{PIPELINE_CONFIG}" if sub else f"{source}/{PIPELINE_CONFIG}"
+            for sub in PIPELINE_SUBDIRS
+        ):
             try:
                 return Path(
                     mlflow.artifacts.download_artifacts(artifact_uri=candidate, dst_path=tmp)

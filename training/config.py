@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lidit.config import StrictModel, lidit_home
+from lidit.locations import models_root
 from lidit.objectives import ObjectiveName, TimestepSampling
 from lidit.presets import PRESETS
 
@@ -86,6 +87,9 @@ class TrackingSection(StrictModel):
         description="sample grid every N steps with 1 worker (0 = only at the end); with 2+ workers grids are "
         "drawn only after the last step, so they never stall the other ranks (training.loop.intermediate_sampling)",
     )
+    system_metrics_every_s: float = Field(
+        10.0, ge=0, description="CPU/memory/GPU of rank 0's node as system/* run metrics every N s (0 = off)"
+    )
     num_samples: int = Field(8, ge=0)
     sample_steps: int = Field(20, ge=1)
     guidance_scale: float = 4.0
@@ -98,6 +102,11 @@ class TrainConfig(StrictModel):
     cache_version: int | None = None
     name: str = Field("lidit-starter", pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = Field(default_factory=lambda: str(lidit_home() / "runs"))
+    models_root: str = Field(
+        default_factory=lambda: str(models_root()),
+        description="encoders and VAE under this directory are exported as portable lidit-models:// "
+        "locations (default $LIDIT_MODELS_ROOT, else LIDIT_HOME; see lidit.locations)",
+    )
     steps: int = Field(500, ge=1)
     batch_size: int = Field(64, ge=1, description="global batch size, split evenly over workers")
     cfg_drop_prob: float = Field(0.1, ge=0, lt=1)

@@ -159,6 +159,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             save_and_report(model, optim, ema, train_state, metrics)
 
     if last_step < cfg.steps:  # stopped early on purpose: the checkpoint is the result
+        if tracker:
+            tracker.close()
         ray.train.report({"step": last_step, "loss": loss_value, "done": False})
         return
 
@@ -169,6 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     final: dict[str, Any] = {"step": cfg.steps, "loss": loss_value, "done": True}
     if tracker:
         final.update(tracker.finish(weights))
+        tracker.close()
     ray.train.report(final)
 
 
@@ -222,6 +225,23 @@ class RankZeroTracker:
         self.losses: list[tuple[int, float]] = []
         self._vae = None
         self._samples: tuple | None = None
+        self._system = None
+        if cfg.tracking.system_metrics_every_s:  # system/* metrics of this node, logged by MLflow's thread
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=cfg.tracking.system_metrics_every_s,
+                resume_logging=True,  # a resumed run continues the step count of its system metrics
+                tracking_uri=loop_config["tracking_uri"],
+            )
+            self._system.start()
+
+    def close(self) -> None:
+        """Stop the system metrics thread (after its last sample is logged)."""
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.losses.append((step, metrics["loss"]))
@@ -264,7 +284,7 @@ class RankZeroTracker:
         latents = pipe.sample(
             texts, uncond, seeds, h, w, self.cfg.tracking.sample_steps, self.cfg.tracking.guidance_scale
         )
-        return make_grid(pipe.decode(latents)), captions
+        return make_grid(pipe.decode(latents), labels=captions, max_label_lines=3), captions
 
     def log_samples(self, step: int, weights: dict[str, torch.Tensor]) -> None:
         grid, captions = self.sample_images(weights)
@@ -293,11 +313,12 @@ class RankZeroTracker:
 
     def finish(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         from lidit.pipeline import LiDiTPipeline, PipelineSpec
+        from lidit.pyfunc import save_pyfunc
         from lidit.registry import PIPELINE_ARTIFACT, git_commit, register_pipeline
 
         generator = LiDiTGenerator(self.gen_config)
         generator.load_state_dict(weights, strict=True)
-        spec = PipelineSpec(
+        spec, absolute = PipelineSpec(
             objective=self.cfg.model.objective,
             flow_shift=self.cfg.model.flow_shift,
             encoders=[EncoderConfig.model_validate(self.reader.encoder_config(n)) for n in self.names],
@@ -310,12 +331,21 @@ class RankZeroTracker:
                 "cache_version": str(self.reader.version),
                 "git_commit": git_commit(),
             },
-        )
+        ).portable(self.cfg.models_root)
+        for what in absolute:  # still loads here, but not on a machine where the path differs
+            print(
+                f"[train] warning: {what} is outside models_root {self.cfg.models_root}: exported by absolute "
+                "path, so this version only serves where that path exists",
+                flush=True,
+            )
         out: dict[str, Any] = {"mlflow_run_id": self.run_id}
         with tempfile.TemporaryDirectory(prefix="lidit-export-") as tmp:
             export = Path(tmp) / PIPELINE_ARTIFACT
             LiDiTPipeline(generator, None, self.cfg.model.objective).save_pretrained(export, spec)
-            self.client.log_artifacts(self.run_id, str(export), artifact_path=PIPELINE_ARTIFACT)
+            # Logged as an MLflow pyfunc model directory (pipeline under artifacts/pipeline/): the registered
+            # version then loads with mlflow.pyfunc.load_model as well as with LiDiTPipeline.
+            model_dir = save_pyfunc(export, Path(tmp) / "model")
+            self.client.log_artifacts(self.run_id, str(model_dir), artifact_path=PIPELINE_ARTIFACT)
             self.client.log_artifact(self.run_id, str(self._loss_plot(Path(tmp))), artifact_path="plots")
         if self.cfg.tracking.num_samples:
             self.log_samples(self.cfg.steps, weights)

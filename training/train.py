@@ -22,8 +22,15 @@ from training.config import TrainConfig
 RUN_TAG = "lidit.run"
 
 
-def mlflow_run(cfg: TrainConfig) -> str:
-    """The MLflow run of this training run: reused when the same storage + name resumes."""
+# Keys of one invocation, not of the run: a resumed run may set them differently (or a test hook).
+INVOCATION_KEYS = ("fail_at_step", "stop_after")
+
+
+def mlflow_run(cfg: TrainConfig, reader: Any) -> str:
+    """The MLflow run of this training run: reused when the same storage + name resumes.
+
+    A new run gets the resolved params (`run_params`) and the cache as its dataset input (`log_cache_input`).
+    """
     import mlflow
 
     configure_mlflow(cfg.tracking.experiment)
@@ -36,10 +43,82 @@ def mlflow_run(cfg: TrainConfig) -> str:
     if found and found[0].info.status != "FINISHED":
         return found[0].info.run_id
     run = client.create_run(exp.experiment_id, run_name=cfg.name, tags={RUN_TAG: key})
-    flat = flatten(dump_config(cfg))
-    for k, v in flat.items():
-        client.log_param(run.info.run_id, k, str(v)[:500])
+    from mlflow.entities import Param
+
+    params = [Param(k, v[:6000]) for k, v in run_params(cfg, reader).items()]
+    for start in range(0, len(params), 100):  # MLflow's batch limit
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    log_cache_input(client, run.info.run_id, reader)
     return run.info.run_id
+
+
+def run_params(cfg: TrainConfig, reader: Any) -> dict[str, str]:
+    """What the run trains with, every value resolved: the config with its defaults filled from the cache
+    (encoders, cache version, refiner depth), the generator's constructor config, and parameter counts.
+    No None values (an unset option is absent) and no per-invocation keys (`INVOCATION_KEYS`)."""
+    import torch
+
+    from lidit.generator import LiDiTGenerator
+    from training.loop import build_generator_config
+
+    flat = flatten(dump_config(cfg))
+    gen = build_generator_config(cfg, reader)
+    flat.update(
+        {
+            "cache_version": reader.version,
+            "model.encoders": cfg.model.encoders or reader.encoder_names,
+            "model.refiner_depth": gen.refiner_depth,
+        }
+    )
+    out = {k: v for k, v in flat.items() if v is not None and k not in INVOCATION_KEYS}
+    out.update(
+        {f"generator.{k}": v for k, v in flatten(gen.model_dump(mode="json")).items() if v is not None}
+    )
+    with torch.device("meta"):  # counts without allocating weights
+        model = LiDiTGenerator(gen)
+    out["params.total"] = sum(p.numel() for p in model.parameters())
+    for name, child in model.named_children():
+        out[f"params.{name}"] = sum(p.numel() for p in child.parameters())
+    return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in out.items()}
+
+
+def log_cache_input(client: Any, run_id: str, reader: Any) -> None:
+    """The feature cache as the run's MLflow dataset input: source = its manifest URI, digest = the manifest's
+    content hash, profile = version, rows, shards and the encoder and VAE fingerprints."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from lidit.cache.contract import manifest_name
+    from lidit.fingerprint import hash_json
+
+    manifest = reader.manifest
+    profile = {
+        "version": manifest.version,
+        "rows": manifest.rows,
+        "shards": len(manifest.shards),
+        "vae_fingerprint": reader.vae_fingerprint,
+        **{f"encoder.{n}": fp for n, fp in reader.encoder_fingerprints.items()},
+    }
+
+    class CacheDataset(MetaDataset):
+        """MetaDataset with a profile (MLflow's base `to_dict` leaves the profile out)."""
+
+        @property
+        def profile(self) -> dict[str, Any]:
+            return profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(profile)}
+
+    uri = f"{reader.uri}/{manifest_name(manifest.version)}"
+    dataset = CacheDataset(
+        resolve_dataset_source(uri),
+        name=f"feature-cache-v{manifest.version}",
+        digest=hash_json(manifest.model_dump(mode="json"))[:16],
+    )
+    context = InputTag(key="mlflow.data.context", value="training")
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -97,7 +176,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     check_against_cache(cfg, reader)  # every config error before Ray starts and before the MLflow run
     ensure_ray()
-    run_id = mlflow_run(cfg)
+    run_id = mlflow_run(cfg, reader)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

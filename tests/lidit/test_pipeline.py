@@ -151,3 +151,86 @@ def test_exported_pipeline_reloads_and_checks_fingerprints(tiny_pipeline: tuple)
     finally:
         spec.encoder_fingerprints["llama"] = pipe.encoders[0].fingerprint
         spec_file.write_text(spec.model_dump_json())
+
+
+def test_portable_export_loads_from_another_models_root(tiny_pipeline: tuple, tmp_path) -> None:
+    """Encoders and VAE exported as lidit-models:// locations load from wherever the root is configured."""
+    import shutil
+
+    from lidit.locations import MODELS_ROOT_ENV, ModelLocationError
+    from lidit.pipeline import FingerprintMismatchError, read_spec
+
+    pipe, root = tiny_pipeline
+    first = tmp_path / "first"
+    shutil.copytree(root / "vae", first / "vae")
+    for enc in pipe.encoders:
+        shutil.copytree(enc.config.path, first / "lms" / enc.name)
+    spec = read_spec(root / "export")
+    spec = spec.model_copy(
+        update={
+            "vae": str(first / "vae"),
+            "encoders": [e.model_copy(update={"path": str(first / "lms" / e.name)}) for e in spec.encoders],
+        }
+    )
+    portable, absolute = spec.portable(first)
+    assert not absolute
+    assert portable.vae == "lidit-models://vae"
+    assert [e.path for e in portable.encoders] == ["lidit-models://lms/llama", "lidit-models://lms/qwen"]
+    export = tmp_path / "export"
+    shutil.copytree(root / "export", export)
+    (export / "pipeline.json").write_text(portable.model_dump_json())
+
+    # The models move to another machine's root: the export loads there, and only there.
+    second = tmp_path / "second"
+    first.rename(second)
+    loaded = LiDiTPipeline.from_pretrained(export, models_root=second)
+    assert [e.config.path for e in loaded.encoders] == [str(second / "lms" / n) for n in ("llama", "qwen")]
+    kw = dict(num_inference_steps=2, height=32, width=32, seed=3)
+    assert np.array_equal(
+        np.asarray(pipe("a red circle", **kw)[0]), np.asarray(loaded("a red circle", **kw)[0])
+    )
+    with pytest.raises(ModelLocationError) as missing:
+        LiDiTPipeline.from_pretrained(export, models_root=first)
+    message = str(missing.value)
+    assert "\n" not in message and str(first) in message and MODELS_ROOT_ENV in message
+
+    # A changed checkpoint under the right name is refused, one line naming it and where it was found.
+    (second / "lms" / "qwen" / "notes.txt").write_text("fine-tuned since\n")
+    with pytest.raises(FingerprintMismatchError) as changed:
+        LiDiTPipeline.from_pretrained(export, models_root=second)
+    message = str(changed.value)
+    assert "\n" not in message and "encoder 'qwen'" in message and str(second / "lms" / "qwen") in message
+
+
+def test_pyfunc_flavor_predicts_the_pipeline_images(tiny_pipeline: tuple, tmp_path) -> None:
+    """The MLflow model directory loads with `mlflow.pyfunc` and returns the pipeline's own images as PNG."""
+    import io
+
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from lidit.pyfunc import save_pyfunc
+
+    pipe, root = tiny_pipeline
+    model_dir = save_pyfunc(root / "export", tmp_path / "model")
+    assert (model_dir / "artifacts" / "pipeline" / "pipeline.json").is_file()
+    assert not list(model_dir.rglob("*.pkl"))  # models from code: nothing pickled
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    frame = pd.DataFrame({"prompt": ["a red circle", "two blue squares"], "seed": [7, 8]})
+    params = {"num_inference_steps": 2, "height": 32, "width": 32}
+    pngs = model.predict(frame, params=params)
+    assert len(pngs) == 2
+    images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in pngs]
+    for image, prompt, seed in zip(images, frame["prompt"], frame["seed"], strict=True):
+        want = np.asarray(pipe(prompt, num_inference_steps=2, height=32, width=32, seed=int(seed))[0])
+        assert image.shape == (32, 32, 3)
+        assert np.abs(image.astype(int) - want.astype(int)).max() <= 1  # batch-mates change only rounding
+    # seed defaults to the row index; a negative prompt changes the image; default size is the export's
+    one = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"num_inference_steps": 2})
+    assert Image.open(io.BytesIO(one[0])).size == (64, 64)
+    neg = model.predict(
+        pd.DataFrame({"prompt": ["a red circle"], "negative_prompt": ["two blue squares"], "seed": [7]}),
+        params=params,
+    )
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(neg[0])).convert("RGB")), images[0])

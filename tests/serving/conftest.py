@@ -27,6 +27,7 @@ class Registry:
     exports: list[Path]
     versions: list[str]
     tracking_uri: str
+    models_root: Path  # where the exports' lidit-models:// locations resolve (not where they were exported)
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +41,14 @@ def serving_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regis
     mp.setenv("LIDIT_HOME", str(root / "home"))
     mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
     encoders, vae = build_shared_assets(root / "assets")
-    exports = [build_export(root / f"export{s}", encoders, vae, seed=s) for s in (1, 2)]
+    exports = [build_export(root / f"export{s}", encoders, vae, seed=s, models_root=root) for s in (1, 2)]
     versions = register_exports(exports, MODEL_NAME)
-    yield Registry(root, exports, versions, uri)
+    # Portable exports: the LLMs and the VAE move to another models root after export, as on a serving
+    # machine whose model directory lives elsewhere; every app below is configured with the new root.
+    models_root = root / "elsewhere"
+    models_root.mkdir()
+    (root / "assets").rename(models_root / "assets")
+    yield Registry(root, exports, versions, uri, models_root)
     mp.undo()
 
 
@@ -85,6 +91,7 @@ def served(serving_registry: Registry, request: pytest.FixtureRequest) -> Iterat
         [
             f"model=models:/{MODEL_NAME}@production",
             f"models_dir={reg.root / 'models'}",
+            f"models_root={reg.models_root}",
             "app_name=main",
             f"port={port}",
             *small_resources(),
@@ -95,6 +102,7 @@ def served(serving_registry: Registry, request: pytest.FixtureRequest) -> Iterat
         None,
         [
             f"model={reg.exports[0]}",
+            f"models_root={reg.models_root}",
             "app_name=strict",
             "route_prefix=/strict",
             f"port={port}",

@@ -34,8 +34,13 @@ def build_shared_assets(root: Path) -> tuple[list[PromptEncoder], Path]:
     return encoders, root / "vae"
 
 
-def build_export(out: Path, encoders: list[PromptEncoder], vae_dir: Path, seed: int) -> Path:
-    """A pipeline export whose generator weights depend on `seed` (so versions are told apart by output)."""
+def build_export(
+    out: Path, encoders: list[PromptEncoder], vae_dir: Path, seed: int, models_root: Path | None = None
+) -> Path:
+    """A pipeline export whose generator weights depend on `seed` (so versions are told apart by output).
+
+    With `models_root`, encoders and VAE are named by portable `lidit-models://` locations under it, as
+    training exports them."""
     torch.manual_seed(seed)
     gen = LiDiTGenerator(GeneratorConfig.from_preset("tiny", [e.branch_spec() for e in encoders]))
     for name, p in gen.named_parameters():  # make the output depend on text and seed, as training would
@@ -49,6 +54,9 @@ def build_export(out: Path, encoders: list[PromptEncoder], vae_dir: Path, seed: 
         vae=str(vae_dir),
         extra={"seed": str(seed)},
     )
+    if models_root is not None:
+        spec, absolute = spec.portable(models_root)
+        assert not absolute, absolute
     pipe.save_pretrained(out, spec)
     return out
 

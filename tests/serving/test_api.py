@@ -169,7 +169,8 @@ def test_served_image_equals_the_pipeline_call(served: Served, negative: str | N
     if negative:
         req["negative_prompt"] = negative
     served_image = _images(_post(served.url, req))[0]
-    pipe = LiDiTPipeline.from_pretrained(served.registry.exports[0])  # main serves version 1 = export 0
+    # main serves version 1 = export 0
+    pipe = LiDiTPipeline.from_pretrained(served.registry.exports[0], models_root=served.registry.models_root)
     local = pipe(
         "two blue squares", negative, num_inference_steps=3, guidance_scale=4.0, seed=21, height=32, width=32
     )[0]

@@ -46,6 +46,7 @@ def multi_url(served: Served) -> Iterator[str]:
         [
             f"model=models:/{MODEL_NAME}@production",
             f"models_dir={served.registry.root / 'models'}",
+            f"models_root={served.registry.models_root}",
             f"app_name={APP}",
             f"route_prefix=/{APP}",
             f"port={port}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,7 @@ import torch
 
 from lidit.generator import LiDiTGenerator
 from lidit.pipeline import GENERATOR_DIR, LiDiTPipeline
-from lidit.registry import fetch_pipeline
+from lidit.registry import fetch_pipeline, find_pipeline_dir
 from training.config import TrainConfig
 from training.train import run_training
 
@@ -45,20 +46,40 @@ def _config(micro_cache: str, tmp_path: Path, name: str, **kw) -> TrainConfig:
 
 
 def _generator_weights(run_id: str) -> dict[str, torch.Tensor]:
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="pipeline")
-    return LiDiTGenerator.from_pretrained(Path(local) / GENERATOR_DIR).state_dict()
+    local = find_pipeline_dir(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="pipeline"))
+    return LiDiTGenerator.from_pretrained(local / GENERATOR_DIR).state_dict()
 
 
-def test_loss_goes_down_and_version_generates(micro_cache: str, tmp_path: Path) -> None:
+def _starter_root(micro_cache: str) -> Path:
+    """The micro starter's directory (where the cache's encoders and VAE live): the run's models root."""
+    from lidit.cache.reader import CacheReader
+
+    return Path(CacheReader(micro_cache).vae_path).parent
+
+
+@pytest.fixture(scope="module")
+def registered(micro_cache: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 30-step run registered as test-lidit@candidate, its encoders and VAE under the models root."""
     cfg = _config(
         micro_cache,
-        tmp_path,
+        tmp_path_factory.mktemp("loss_down"),
         "loss-down",
         steps=30,
+        models_root=str(_starter_root(micro_cache)),
         optim={"lr": 3e-3, "warmup_steps": 3},
-        tracking={"registered_model": "test-lidit", "alias": "candidate", "log_every": 5, "sample_every": 10},
+        tracking={
+            "registered_model": "test-lidit",
+            "alias": "candidate",
+            "log_every": 5,
+            "sample_every": 10,
+            "system_metrics_every_s": 1,
+        },
     )
-    summary = run_training(cfg)
+    return run_training(cfg)
+
+
+def test_loss_goes_down_and_version_generates(registered: dict, micro_cache: str) -> None:
+    summary = registered
     assert summary["steps"] == 30 and summary["model_version"] is not None
     history = [m.value for m in mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")]
     assert len(history) == 6
@@ -75,10 +96,54 @@ def test_loss_goes_down_and_version_generates(micro_cache: str, tmp_path: Path) 
     samples = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "samples")}
     assert samples == {"samples/step_000030.png", "samples/prompts.txt"}, samples
 
-    pipe = LiDiTPipeline.from_pretrained(fetch_pipeline("models:/test-lidit@candidate"))
+    # The captioned grid: two 64 px tiles and, under them, their prompts (taller than the bare tiles).
+    grid = mlflow.artifacts.load_image(f"runs:/{summary['mlflow_run_id']}/samples/step_000030.png")
+    assert grid.size[0] == 2 * (64 + 2) + 2 and grid.size[1] > 64 + 2 * 2
+
+    local = fetch_pipeline("models:/test-lidit@candidate")
+    pipe = LiDiTPipeline.from_pretrained(local, models_root=_starter_root(micro_cache))
     images = pipe(["a red circle"], num_inference_steps=3, height=64, width=64, seed=0)
     assert images[0].size == (64, 64)
     assert np.asarray(images[0]).std() > 0
+
+
+def test_version_serves_from_a_second_home_with_models_elsewhere(
+    registered: dict, micro_cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another machine: its own LIDIT_HOME, the same registry, the starter models copied to another root."""
+    import io
+    import shutil
+
+    import pandas as pd
+    from PIL import Image
+
+    from lidit.pipeline import FingerprintMismatchError, read_spec
+
+    starter = _starter_root(micro_cache)
+    elsewhere = tmp_path / "models"
+    for name in ("lm_llama", "lm_qwen2", "vae"):
+        shutil.copytree(starter / name, elsewhere / name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri())  # the shared registry
+    monkeypatch.setenv("LIDIT_HOME", str(tmp_path / "home2"))
+    monkeypatch.setenv("LIDIT_MODELS_ROOT", str(elsewhere))
+
+    local = fetch_pipeline("models:/test-lidit@candidate")
+    assert local.is_relative_to(tmp_path / "home2")
+    spec = read_spec(local)
+    assert spec.vae == "lidit-models://vae"
+    assert {e.path for e in spec.encoders} == {"lidit-models://lm_llama", "lidit-models://lm_qwen2"}
+    pipe = LiDiTPipeline.from_pretrained(local)
+    assert all(Path(e.config.path).is_relative_to(elsewhere) for e in pipe.encoders)
+    want = np.asarray(pipe(["a red circle"], num_inference_steps=3, seed=5)[0])
+
+    # The pyfunc flavor of the same version: PNG bytes, the pipeline's image for the same prompt and seed.
+    model = mlflow.pyfunc.load_model("models:/test-lidit@candidate")
+    pngs = model.predict(pd.DataFrame({"prompt": ["a red circle"], "seed": [5]}), {"num_inference_steps": 3})
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(pngs[0])).convert("RGB")), want)
+
+    (elsewhere / "vae" / "config.json").write_text((starter / "vae" / "config.json").read_text() + " ")
+    with pytest.raises(FingerprintMismatchError, match="VAE at .* but the generator was trained on"):
+        LiDiTPipeline.from_pretrained(local)
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +179,39 @@ def test_killed_worker_restarts_from_checkpoint(
     assert (tmp_path / "runs" / "killed" / ".failed_once").exists()  # a worker really died at step 6
     # Restarted from the step-4 checkpoint, the run ends exactly where an uninterrupted one does.
     _assert_same_weights(straight_weights, _generator_weights(summary["mlflow_run_id"]))
+
+
+def test_the_run_records_system_metrics_dataset_and_resolved_params(
+    registered: dict, micro_cache: str
+) -> None:
+    from lidit.cache.contract import manifest_name
+    from lidit.cache.reader import CacheReader
+    from lidit.generator import count_parameters
+    from training.loop import build_generator_config
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(registered["mlflow_run_id"])
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system
+
+    reader = CacheReader(micro_cache)
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.name == f"feature-cache-v{reader.version}"
+    assert json.loads(dataset.source)["uri"] == f"{reader.uri}/{manifest_name(reader.version)}"
+    profile = json.loads(dataset.profile)
+    assert profile["rows"] == reader.num_rows and profile["version"] == reader.version
+    assert profile["vae_fingerprint"] == reader.vae_fingerprint
+    assert {k: v for k, v in profile.items() if k.startswith("encoder.")} == {
+        f"encoder.{n}": fp for n, fp in reader.encoder_fingerprints.items()
+    }
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+
+    params = run.data.params
+    assert "None" not in params.values() and not {"fail_at_step", "stop_after"} & params.keys()
+    assert params["cache_version"] == str(reader.version)
+    assert json.loads(params["model.encoders"]) == reader.encoder_names
+    cfg = TrainConfig.model_validate({"cache": micro_cache})
+    assert params["params.total"] == str(count_parameters(build_generator_config(cfg, reader)))
+    assert int(params["params.backbone"]) < int(params["params.total"])
+    assert params["generator.depth"] == str(build_generator_config(cfg, reader).depth)
