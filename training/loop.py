@@ -21,7 +21,6 @@ import ray.train
 import torch
 import torch.distributed.checkpoint as dcp
 from ray.train import Checkpoint
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
 from lidit.cache.contract import manifest_name
@@ -34,6 +33,7 @@ from lidit.generator import (
     TextFeatures,
     count_parameters,
 )
+from training.checkpoint import load_training_state, storage_reader, training_state
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
 from training.parallelize import build_parallel, resolve_strategy
@@ -96,11 +96,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            model_sd, optim_sd = get_state_dict(model, optim)
-            state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict(), "train": train_state}
-            dcp.load(state, checkpoint_id=ckpt_dir)
-            set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        # Straight from storage, each rank its own shards: no as_directory() copy of every rank's files.
+        ckpt_reader = storage_reader(checkpoint.path, checkpoint.filesystem)
+        load_training_state(model, optim, ema, train_state, ckpt_reader)
         if rank == 0:
             print(f"[train] resumed from step {int(train_state[0])}", flush=True)
     if rank == 0:
@@ -193,8 +191,7 @@ def intermediate_sampling(sample_every: int, world: int) -> tuple[int, str | Non
 
 def save_and_report(model: Any, optim: Any, ema: EMA, train_state: torch.Tensor, metrics: dict) -> None:
     """Every rank writes its DCP shard into a local folder; Ray merges them into `step_NNNNNN` in storage."""
-    model_sd, optim_sd = get_state_dict(model, optim)
-    state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict(), "train": train_state}
+    state = training_state(model, optim, ema, train_state)
     with tempfile.TemporaryDirectory(prefix="lidit-ckpt-") as tmp:
         dcp.save(state, checkpoint_id=tmp)
         ray.train.report(

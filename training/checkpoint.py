@@ -1,0 +1,45 @@
+"""Resume from a DCP checkpoint in the run's storage, each rank reading only its own shards.
+
+`ray.train.Checkpoint.as_directory()` downloads the whole checkpoint (every rank's files) to every worker: at
+10B that is the full model and optimizer state on each node. DCP needs none of that: given a storage reader on
+the checkpoint's location, each rank reads the byte ranges of the tensors it holds (its FSDP shards) straight
+from storage. Local (or shared) storage is read with DCP's `FileSystemReader`; object storage through fsspec
+(`FsspecReader` on `s3://...`, the same bucket Ray Train writes to through pyarrow).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, StorageReader
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from training.state import EMA
+
+
+def storage_reader(path: str, filesystem: Any) -> StorageReader:
+    """A DCP reader on `path` of `filesystem` (a `pyarrow.fs.FileSystem`, as `ray.train.Checkpoint` has)."""
+    import pyarrow.fs
+
+    if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return FileSystemReader(path)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(f"{filesystem.type_name}://{path}")
+
+
+def training_state(model: Any, optim: Any, ema: EMA, train_state: torch.Tensor) -> dict[str, Any]:
+    """The state DCP saves and loads: model, optimizer, EMA (sharded like the model), step/epoch/position."""
+    model_sd, optim_sd = get_state_dict(model, optim)
+    return {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict(), "train": train_state}
+
+
+def load_training_state(
+    model: Any, optim: Any, ema: EMA, train_state: torch.Tensor, reader: StorageReader
+) -> None:
+    """Load every part in place (a collective: every rank calls it); each rank reads only what it holds."""
+    state = training_state(model, optim, ema, train_state)
+    dcp.load(state, storage_reader=reader)
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
