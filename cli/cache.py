@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the `cache` command group."""
     from pipelines.args import add_build_arguments
 
-    cache = sub.add_parser("cache", help="build / inspect the feature cache (Ray Data)")
+    cache = sub.add_parser("cache", help="build / inspect the feature cache (Ray tasks + actors)")
     csub = cache.add_subparsers(dest="cache_command", metavar="SUBCOMMAND")
     build = csub.add_parser(
         "build",

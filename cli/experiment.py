@@ -1,6 +1,6 @@
 """`lidit experiment run CONFIG.yaml`: train and score ablation variants with one shared budget.
 
-starter assets -> a feature cache with every encoder the variants need (Ray Data) -> for each variant and
+starter assets -> a feature cache with every encoder the variants need (Ray) -> for each variant and
 seed: a training run (Ray Train + FSDP2, its own MLflow run) -> the exported pipeline scored on held-out
 prompts (the compositional evaluator; scores logged into that MLflow run) -> a results table (markdown +
 JSON), a plot of accuracy by where objects are named in the prompt, one image grid per variant.

@@ -54,7 +54,7 @@ class _VersionAction(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="lidit",
-        description="LI-DiT platform: feature cache (Ray Data), training (Ray Train + FSDP2), serving (Ray Serve).",
+        description="LI-DiT platform: feature cache (Ray), training (Ray Train + FSDP2), serving (Ray Serve).",
     )
     parser.add_argument("--version", action=_VersionAction)
     parser.add_argument(

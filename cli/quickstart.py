@@ -1,6 +1,6 @@
 """`lidit quickstart`: the whole path on the embedded defaults, end to end, on one machine.
 
-starter assets -> feature cache (Ray Data) -> FSDP2 training with 2 workers (Ray Train) -> registered and
+starter assets -> feature cache (Ray) -> FSDP2 training with 2 workers (Ray Train) -> registered and
 aliased MLflow version -> Ray Serve on 127.0.0.1 -> images for held-out prompts over HTTP -> evaluator scores
 -> sample grid + summary. Everything lives under LIDIT_HOME; a second run reuses the starter assets, the cache
 and the trained checkpoint.
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     url = None
     try:
         t0 = time.perf_counter()
-        _log("2/6 feature cache (Ray Data: decode -> VAE latents -> LLM states)")
+        _log("2/6 feature cache (Ray: decode -> VAE latents -> LLM states -> shards)")
         cache_cfg = load_build_config(CONFIG_DIR / "cache.yaml", ["mlflow=true"])
         cache = build_cache(cache_cfg)
         stage("cache", t0)

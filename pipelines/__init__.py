@@ -1,1 +1,1 @@
-"""Ray Data stages of the platform: the feature cache build (`pipelines.build`)."""
+"""The feature cache build (`pipelines.build`): plan on the driver, Ray tasks and actors compute and write shards."""
