@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from lidit.config import (
     ConfigError,
@@ -19,6 +19,7 @@ from lidit.fingerprint import hash_json
 # The instruction of the LI-DiT paper (DESIGN 1.1), defined once in lidit.instruction. Some LM training samples
 # are prefixed with it so the tiny LMs have seen the text the prompt encoder puts in front of every prompt.
 from lidit.instruction import DEFAULT_INSTRUCTION
+from lidit.starter.scenes import DEFAULT_KIND_WEIGHTS
 
 
 class DataConfig(StrictModel):
@@ -31,6 +32,17 @@ class DataConfig(StrictModel):
         0.1, gt=0, le=0.14, description="share of (colour, shape, context) keys held out"
     )
     shard_rows: int = Field(1000, ge=1, description="rows per Parquet shard")
+    kind_weights: dict[Literal["single", "count", "pair", "relation"], float] = Field(
+        default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
+        description="training-scene mix by kind (held-out scenes are count and relation scenes)",
+    )
+
+    @field_validator("kind_weights")
+    @classmethod
+    def _positive_mix(cls, weights: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"kind weights must be >= 0 with a positive sum, got {weights}")
+        return weights
 
 
 class TokenizerConfig(StrictModel):

@@ -51,6 +51,7 @@ RELATIONS: tuple[str, ...] = ("left_of", "right_of", "above", "below")
 INVERSE: dict[str, str] = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
 COUNTS: tuple[int, ...] = (2, 3, 4)
 KINDS: tuple[str, ...] = ("single", "count", "pair", "relation")
+DEFAULT_KIND_WEIGHTS: dict[str, float] = {"single": 0.2, "count": 0.25, "pair": 0.15, "relation": 0.4}
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
 ComboKey = tuple[str, str, str]  # (colour, shape, context)
@@ -248,7 +249,7 @@ def sample_scene(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    weights = kind_weights or {"single": 0.2, "count": 0.25, "pair": 0.15, "relation": 0.4}
+    weights = kind_weights or DEFAULT_KIND_WEIGHTS
     digest = hashlib.sha256(f"scene:{seed}:{split}:{index}".encode()).hexdigest()
     rng = random.Random(int(digest[:16], 16))
     keys = sorted(heldout)
@@ -266,11 +267,16 @@ def sample_scene(
 
 
 def sample_scenes(
-    seed: int, split: str, n: int, heldout: set[ComboKey], image_size: int = 64
+    seed: int,
+    split: str,
+    n: int,
+    heldout: set[ComboKey],
+    image_size: int = 64,
+    kind_weights: dict[str, float] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """`(id, spec)` for the first `n` scenes of a split; ids are stable (`train-000042`)."""
     for i in range(n):
-        yield f"{split}-{i:06d}", sample_scene(seed, split, i, heldout, image_size)
+        yield f"{split}-{i:06d}", sample_scene(seed, split, i, heldout, image_size, kind_weights)
 
 
 def describe(spec: dict[str, Any]) -> str:

@@ -85,3 +85,11 @@ def test_config_presets_and_overrides() -> None:
         starter_config("micro", ["vae.stepz=3"])
     with pytest.raises(ConfigError, match="unknown starter preset"):
         starter_config("huge")
+    mix = starter_config(
+        "micro", ["data.kind_weights.single=1", "data.kind_weights.count=0"]
+    ).data.kind_weights
+    assert mix == {"single": 1.0, "count": 0.0, "pair": 0.15, "relation": 0.4}  # unnamed kinds keep defaults
+    with pytest.raises(ConfigError, match="kind weights must be >= 0"):
+        starter_config("micro", ["data.kind_weights.single=-1"])
+    with pytest.raises(ConfigError, match="kind_weights"):
+        starter_config("micro", ["data.kind_weights.blob=1"])

@@ -47,6 +47,21 @@ def test_heldout_combinations_never_in_train_but_their_parts_are() -> None:
         )
 
 
+def test_kind_weights_set_the_training_mix() -> None:
+    from collections import Counter
+
+    mixed = Counter(
+        s["kind"]
+        for _, s in sample_scenes(
+            0, "train", 2000, HELD, 64, {"single": 0, "count": 1, "pair": 0, "relation": 3}
+        )
+    )
+    assert set(mixed) == {"count", "relation"}
+    assert 0.70 < mixed["relation"] / 2000 < 0.80  # 3:1 relation:count, binomial sd about 0.01
+    default = Counter(s["kind"] for s in TRAIN)
+    assert set(default) == {"single", "count", "pair", "relation"}
+
+
 def test_layout_is_valid_and_relations_hold() -> None:
     for spec in TRAIN + HELDOUT:
         boxes = [b for o in spec["objects"] for b in o["boxes"]]
