@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         stage("cache", t0)
 
         t0 = time.perf_counter()
-        overrides = [f"steps={args.steps}"] if args.steps else []
+        # The run and its registered version carry the held-out scores of exactly the exported weights.
+        overrides = [f"tracking.eval_starter={assets.root}", f"tracking.eval_prompts={args.prompts}"]
+        overrides += [f"steps={args.steps}"] if args.steps else []
         train_cfg = load_config(TrainConfig, CONFIG_DIR / "train.yaml", overrides)
         _log(f"3/6 training {train_cfg.steps} steps, {train_cfg.scale.workers} FSDP2 workers (Ray Train)")
         trained = run_training(train_cfg)

@@ -93,6 +93,14 @@ class TrackingSection(StrictModel):
     num_samples: int = Field(8, ge=0)
     sample_steps: int = Field(20, ge=1)
     guidance_scale: float = 4.0
+    eval_starter: str | None = Field(
+        None,
+        description="starter directory whose held-out prompts (combinations never seen in training) score the "
+        "exported pipeline after the last step: heldout.* metrics on the run and tags on the registered "
+        "version (None = no evaluation)",
+    )
+    eval_prompts: int = Field(100, ge=1, description="held-out prompts scored (the first N)")
+    eval_batch_size: int = Field(50, ge=1, description="prompts generated per batch while scoring")
 
 
 class TrainConfig(StrictModel):

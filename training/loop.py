@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[train] {num_params / 1e6:.1f}M parameters, {strategy} over {world} worker(s)", flush=True)
     start_step, epoch, position = (int(x) for x in train_state)
 
-    tracker = RankZeroTracker(cfg, loop_config, reader, gen_config, names) if rank == 0 else None
+    tracker = RankZeroTracker(cfg, loop_config, reader, gen_config, names, device) if rank == 0 else None
     sample_every, reason = intermediate_sampling(cfg.tracking.sample_every, world)
     if reason and rank == 0:
         print(f"[train] {reason}", flush=True)
@@ -211,10 +212,12 @@ class RankZeroTracker:
         reader: CacheReader,
         gen_config: GeneratorConfig,
         names: list[str],
+        device: torch.device,
     ) -> None:
         import mlflow
 
         self.cfg, self.reader, self.gen_config, self.names = cfg, reader, gen_config, names
+        self.device = device
         self.run_id = loop_config["mlflow_run_id"]
         mlflow.set_tracking_uri(loop_config["tracking_uri"])
         self.mlflow = mlflow
@@ -308,6 +311,40 @@ class RankZeroTracker:
         plt.close(fig)
         return path
 
+    def evaluate(self, export: Path) -> dict[str, float]:
+        """Held-out scores of the exported pipeline, loaded back from `export` as a server loads it (portable
+        locations resolved, fingerprints checked), on this rank's device; logged as heldout.* run metrics."""
+        from lidit.experiment import EvalSection, evaluate_pipeline, report_metrics
+        from lidit.pipeline import LiDiTPipeline
+        from lidit.starter import heldout_prompts
+
+        track = self.cfg.tracking
+        prompts = heldout_prompts(track.eval_starter, track.eval_prompts)
+        pipe = LiDiTPipeline.from_pretrained(export, device=self.device, models_root=self.cfg.models_root)
+        settings = EvalSection(
+            prompts=len(prompts),
+            sample_steps=track.sample_steps,
+            guidance_scale=track.guidance_scale,
+            batch_size=track.eval_batch_size,
+        )
+        started = time.perf_counter()
+        report, _ = evaluate_pipeline(pipe, prompts, settings, size=self.reader.manifest.image.resolution)
+        flat = report_metrics(report.to_dict())
+        metrics = {f"heldout.{k}": float(v) for k, v in flat.items() if v is not None}
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, value, step=self.cfg.steps)
+        self.client.log_dict(
+            self.run_id, {"settings": settings.model_dump(), **report.to_dict()}, "eval/heldout.json"
+        )
+        print(
+            f"[train] held-out eval ({len(prompts)} prompts, {time.perf_counter() - started:.0f} s): "
+            + ", ".join(
+                f"{k.removeprefix('heldout.')} {v:.2f}" for k, v in metrics.items() if "pos." not in k
+            ),
+            flush=True,
+        )
+        return metrics
+
     def finish(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         from lidit.pipeline import LiDiTPipeline, PipelineSpec
         from lidit.pyfunc import save_pyfunc
@@ -344,6 +381,7 @@ class RankZeroTracker:
             model_dir = save_pyfunc(export, Path(tmp) / "model")
             self.client.log_artifacts(self.run_id, str(model_dir), artifact_path=PIPELINE_ARTIFACT)
             self.client.log_artifact(self.run_id, str(self._loss_plot(Path(tmp))), artifact_path="plots")
+            scores = self.evaluate(export) if self.cfg.tracking.eval_starter else {}
         if self.cfg.tracking.num_samples:
             self.log_samples(self.cfg.steps, weights)
         if self.cfg.tracking.registered_model:
@@ -354,6 +392,8 @@ class RankZeroTracker:
                 "vae": spec.vae_fingerprint or "",
                 "git_commit": spec.extra["git_commit"],
                 **{f"encoder.{n}": fp for n, fp in spec.encoder_fingerprints.items()},
+                # The version carries the scores of exactly these weights (the run's heldout.* metrics).
+                **{f"eval.{k}": f"{v:.4f}" for k, v in scores.items()},
             }
             version = register_pipeline(
                 self.run_id, self.cfg.tracking.registered_model, tags=tags, alias=self.cfg.tracking.alias

@@ -154,6 +154,15 @@ def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"model (preset {cfg.model.preset} + model.overrides): {problems}") from None
+    if cfg.tracking.eval_starter:
+        from lidit.starter import heldout_prompts
+
+        try:  # read here so a wrong path fails now, not after the last step on rank 0
+            found = len(heldout_prompts(cfg.tracking.eval_starter, 1))
+        except (FileNotFoundError, OSError) as exc:
+            raise ConfigError(f"tracking.eval_starter: {exc}") from None
+        if not found:
+            raise ConfigError(f"tracking.eval_starter: {cfg.tracking.eval_starter} has no held-out prompts")
     try:
         warnings = CacheIndex.build(reader).check(cfg.batch_size)
     except ValueError as exc:

@@ -3,6 +3,7 @@ key and what it may be, exit code 2. In-process and Ray-free: starting Ray or ML
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -90,4 +91,15 @@ def test_a_good_config_reaches_ray(nothing_starts: None, monkeypatch: pytest.Mon
     )
     cfg = TrainConfig.model_validate({"cache": FakeReader.uri, "model": {"encoders": ["qwen2"]}})
     with pytest.raises(AssertionError, match="Ray or MLflow started"):
+        training.train.run_training(cfg)
+
+
+def test_an_eval_starter_without_held_out_prompts_fails_before_ray(
+    nothing_starts: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(lidit.cache.reader, "CacheReader", FakeReader)
+    cfg = TrainConfig.model_validate({"cache": FakeReader.uri, "tracking": {"eval_starter": str(tmp_path)}})
+    with pytest.raises(
+        ConfigError, match=r"tracking.eval_starter: no Parquet shards in .*lidit starter build"
+    ):
         training.train.run_training(cfg)

@@ -73,6 +73,9 @@ def registered(micro_cache: str, tmp_path_factory: pytest.TempPathFactory) -> di
             "log_every": 5,
             "sample_every": 10,
             "system_metrics_every_s": 1,
+            "eval_starter": str(_starter_root(micro_cache)),
+            "eval_prompts": 6,
+            "eval_batch_size": 4,  # two batches: image k keeps noise seed k across batches
         },
     )
     return run_training(cfg)
@@ -215,3 +218,35 @@ def test_the_run_records_system_metrics_dataset_and_resolved_params(
     assert params["params.total"] == str(count_parameters(build_generator_config(cfg, reader)))
     assert int(params["params.backbone"]) < int(params["params.total"])
     assert params["generator.depth"] == str(build_generator_config(cfg, reader).depth)
+
+
+def test_held_out_scores_are_on_the_run_and_the_version_and_reproduce(
+    registered: dict, micro_cache: str
+) -> None:
+    from lidit.experiment import EvalSection, evaluate_pipeline, report_metrics
+    from lidit.starter import heldout_prompts
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(registered["mlflow_run_id"])
+    scores = {k: v for k, v in run.data.metrics.items() if k.startswith("heldout.")}
+    assert {
+        "heldout.overall",
+        "heldout.cat.colour",
+        "heldout.cat.shape",
+        "heldout.cat.binding",
+    } <= scores.keys()
+    assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
+    report = mlflow.artifacts.load_dict(f"runs:/{registered['mlflow_run_id']}/eval/heldout.json")
+    assert report["n_images"] == 6 and report["settings"]["sample_steps"] == 2  # tracking.sample_steps
+    version = client.get_model_version_by_alias("test-lidit", "candidate")
+    assert {k: float(v) for k, v in version.tags.items() if k.startswith("eval.")} == pytest.approx(
+        {f"eval.{k}": v for k, v in scores.items()}, abs=5e-5
+    )
+    # The scores are those of the registered weights: scoring the version again gives the same report.
+    local = fetch_pipeline("models:/test-lidit@candidate")
+    pipe = LiDiTPipeline.from_pretrained(local, models_root=_starter_root(micro_cache))
+    prompts = heldout_prompts(_starter_root(micro_cache), 6)
+    again, _ = evaluate_pipeline(pipe, prompts, EvalSection(**report["settings"]), size=64)
+    assert again.n_images == 6 and again.to_dict()["categories"] == report["categories"]
+    rescored = {f"heldout.{k}": v for k, v in report_metrics(again.to_dict()).items() if v is not None}
+    assert rescored == pytest.approx(scores)
