@@ -15,13 +15,13 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
         "--source",
         action="append",
         metavar="URI",
-        help="replace the sources: Parquet or image folder (repeatable)",
+        help="replace the sources: Parquet, WebDataset .tar (file or folder) or image folder (repeatable)",
     )
     p.add_argument(
         "--source-format",
-        choices=["auto", "parquet", "images"],
+        choices=["auto", "parquet", "webdataset", "images"],
         default="auto",
-        help="format of the --source URIs (auto: Parquet files/folders by suffix, else image folders)",
+        help="format of the --source URIs (auto: by suffix, .parquet / .tar files or folders of them, else image folders)",
     )
     p.add_argument("--output", metavar="URI", help="cache root (local path or s3://bucket/prefix)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

@@ -103,7 +103,7 @@ def plan_build(
 
     files: list[SourceFile] = []
     for src in cfg.sources:
-        files.extend(discover(src, cfg.storage_options))
+        files.extend(discover(src, cfg.storage_options, memo=out))
     if len({f.uri for f in files}) != len(files):
         raise ConfigError("sources: two sources hold the same file; list each source file once")
     ranges: list[tuple[SourceFile, RowRange]] = []
@@ -127,7 +127,7 @@ def plan_build(
     for index, (sf, rows) in enumerate(ranges):
         udup = dups.get(index, [])
         content = (
-            sf.fingerprint if sf.format == "parquet" else [f[2] for f in sf.files[rows.start : rows.stop]]
+            sf.fingerprint if sf.format != "images" else [f[2] for f in sf.files[rows.start : rows.stop]]
         )
         unit = hash_json(
             {

@@ -1,12 +1,15 @@
-"""Source discovery and reading: Parquet datasets and image folders (local or s3://), split into units.
+"""Source discovery and reading: Parquet datasets, WebDataset tars and image folders (local or s3://), split
+into units.
 
-A *unit* is a contiguous range of rows of one source file (a Parquet file, or one image folder's sorted image
-list); each unit becomes one shard. Units are keyed by content, so unchanged files map to unchanged shards.
+A *unit* is a contiguous range of rows of one source file (a Parquet file, a tar, or one image folder's sorted
+image list); each unit becomes one shard. Units are keyed by content, so unchanged files map to unchanged shards.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,25 +17,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from lidit.cache import contract as C
 from lidit.cache.storage import Location, file_fingerprint, open_location
 from lidit.config import ConfigError, StrictModel
 from lidit.fingerprint import hash_json
+from pipelines import webdataset
 
 if TYPE_CHECKING:
     from pipelines.tasks import RowRange
 
 
 class SourceConfig(StrictModel):
-    """A Parquet dataset (file or folder) or an image folder with sidecar caption files; local or s3://."""
+    """A Parquet dataset (file or folder), WebDataset tars (a .tar or a folder of them) or an image folder with
+    sidecar caption files; local or s3://."""
 
     uri: str = Field(min_length=1)
-    format: Literal["auto", "parquet", "images"] = Field(
-        "auto", description="auto: *.parquet file/folder = parquet, else images"
+    format: Literal["auto", "parquet", "webdataset", "images"] = Field(
+        "auto",
+        description="auto: *.parquet file/folder = parquet, *.tar file/folder of tars = webdataset, else images",
     )
-    id_column: str | None = Field("id", description="None or missing column: ids are <file stem>-<row>")
+    id_column: str | None = Field(
+        "id", description="Parquet: None or missing column: ids are <file stem>-<row> (tars: the sample key)"
+    )
     image_column: str = "image"
-    caption_column: str = "caption"
-    caption_extension: str = Field(".txt", description="image folders: caption file beside each image")
+    caption_column: str = Field(
+        "caption",
+        description="Parquet column; for tars, the key in a sample's .json when it has no caption file",
+    )
+    caption_extension: str = Field(
+        ".txt", description="image folders: caption file beside each image; tars: caption member of a sample"
+    )
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -43,7 +57,7 @@ class SourceFile:
     """One file of a source (or one image folder), with what planning needs."""
 
     source: SourceConfig
-    format: str  # "parquet" | "images"
+    format: str  # "parquet" | "webdataset" | "images"
     uri: str
     path: str  # filesystem path
     fingerprint: str
@@ -59,8 +73,14 @@ def _detect_format(loc: Location, cfg: SourceConfig) -> str:
         return "parquet"
     if not loc.fs.exists(loc.path):
         raise ConfigError(f"sources: source not found: {cfg.uri}")
-    if loc.fs.isdir(loc.path) and any(p.endswith(".parquet") for p in loc.fs.find(loc.path)):
-        return "parquet"
+    if loc.path.endswith(".tar"):
+        return "webdataset"
+    if loc.fs.isdir(loc.path):
+        found = loc.fs.find(loc.path)
+        if any(p.endswith(".parquet") for p in found):
+            return "parquet"
+        if any(p.endswith(".tar") for p in found):
+            return "webdataset"
     return "images"
 
 
@@ -68,13 +88,18 @@ def _id_or_default(stem: str, row: int) -> str:
     return f"{stem}-{row:08d}"
 
 
-def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceFile]:
-    """List a source's files in a stable order, with fingerprints and row counts (from Parquet footers: no rows
-    are read here, so planning stays O(files); ids are read and deduplicated by workers, `pipelines.dedupe`)."""
+def discover(
+    cfg: SourceConfig, storage_options: dict[str, Any], memo: Location | None = None
+) -> list[SourceFile]:
+    """List a source's files in a stable order, with fingerprints and row counts (from Parquet footers, tar
+    headers: no rows are read here; ids are read and deduplicated by workers, `pipelines.dedupe`). Tar sample
+    counts are memoised under `memo` (the cache root) by file fingerprint, so an unchanged tar is not rescanned."""
     loc = open_location(cfg.uri, storage_options)
     fmt = _detect_format(loc, cfg)
     if not loc.fs.exists(loc.path):
         raise ConfigError(f"sources: source not found: {cfg.uri}")
+    if fmt == "webdataset":
+        return _discover_tars(loc, cfg, memo)
     if fmt == "parquet":
         if loc.fs.isdir(loc.path):
             found = loc.fs.find(loc.path, detail=True)
@@ -116,6 +141,43 @@ def discover(cfg: SourceConfig, storage_options: dict[str, Any]) -> list[SourceF
     return [SourceFile(cfg, fmt, loc.uri, loc.path, fingerprint, len(files), files)]
 
 
+def _discover_tars(loc: Location, cfg: SourceConfig, memo: Location | None) -> list[SourceFile]:
+    if loc.fs.isdir(loc.path):
+        found = loc.fs.find(loc.path, detail=True)
+        infos = [found[p] for p in sorted(found) if p.endswith(".tar")]
+    else:
+        infos = [loc.fs.info(loc.path)]
+    if not infos:
+        raise ConfigError(f"sources: no .tar files under {cfg.uri}")
+    out = []
+    for info in infos:
+        path, fingerprint = info["name"], file_fingerprint(info)
+        tar = _tar_scan(loc, path, fingerprint, int(info["size"]), memo)
+        if tar.stopped_early:
+            print(
+                f"[cache] warning: {loc.uri_of(path)}: tar headers end at byte {tar.end} of {tar.size} (a corrupt "
+                f"header or a cut inside one): members after it are not read; {tar.rows} samples before it are",
+                file=sys.stderr,
+                flush=True,
+            )
+        out.append(SourceFile(cfg, "webdataset", loc.uri_of(path), path, fingerprint, tar.rows))
+    return out
+
+
+def _tar_scan(
+    loc: Location, path: str, fingerprint: str, size: int, memo: Location | None
+) -> webdataset.TarScan:
+    key = hash_json([loc.uri_of(path), fingerprint])[:24]
+    memo_path = memo.join(C.PLAN_DIR, f"tar-{key}.json") if memo is not None else None
+    if memo_path is not None and memo.exists(memo_path):
+        return webdataset.TarScan(**json.loads(memo.read_bytes(memo_path)))
+    with loc.fs.open(path, "rb") as f:
+        tar = webdataset.scan(f, size)
+    if memo_path is not None:
+        memo.write_bytes_atomic(memo_path, json.dumps(tar.to_json()).encode())
+    return tar
+
+
 def _image_id(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path))[0]
 
@@ -124,19 +186,34 @@ def read_ids(loc: Location, rows: RowRange) -> list[str | None]:
     """Ids of a row range (only the id column is read)."""
     if rows.format == "parquet":
         return read_parquet_rows(loc, rows.path, rows.source, rows.start, rows.stop, ids_only=True)[0]
+    if rows.format == "webdataset":
+        with loc.fs.open(rows.path, "rb") as f:
+            keys = [s.key for s in webdataset.iter_samples(f)]
+        return list(keys[rows.start : rows.stop])
     return [_image_id(img) for img, _ in rows.files]
 
 
-def read_unit_rows(loc: Location, task: RowRange) -> tuple[list[str | None], list[Any], list[Any]]:
-    """Ids, image values and captions of a unit's rows, read by the worker that decodes them."""
+UnitRows = tuple[list[str | None], list[Any], list[Any], dict[int, tuple[str, str]]]
+
+
+def read_unit_rows(loc: Location, task: RowRange) -> UnitRows:
+    """Ids, image values, captions and known flaws (row offset -> (quarantine reason, detail)) of a unit's rows,
+    read by the worker that decodes them."""
     if task.format == "parquet":
-        return read_parquet_rows(loc, task.path, task.source, task.start, task.stop)
+        return (*read_parquet_rows(loc, task.path, task.source, task.start, task.stop), {})
+    if task.format == "webdataset":
+        with loc.fs.open(task.path, "rb") as f:
+            samples = webdataset.read_samples(
+                f, task.start, task.stop, task.source.caption_extension, task.source.caption_column
+            )
+        flaws = {i: s.flaw for i, s in enumerate(samples) if s.flaw is not None}
+        return [s.id for s in samples], [s.image for s in samples], [s.caption for s in samples], flaws
     ids, images, captions = [], [], []
     for img_path, cap_path in task.files:
         ids.append(_image_id(img_path))
         images.append(loc.read_bytes(img_path))
         captions.append(None if cap_path is None else _read_text(loc, cap_path))
-    return ids, images, captions
+    return ids, images, captions, {}
 
 
 def _read_text(loc: Location, path: str) -> str:

@@ -145,7 +145,7 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
     loc = open_location(task.source_uri, spec.storage_options)
     start, stop = task.start, task.stop
     n = stop - start
-    ids, images, captions = read_unit_rows(loc, task)
+    ids, images, captions, flaws = read_unit_rows(loc, task)
     dup = set(task.dup)
     img_cfg = spec.image
     buckets = [tuple(b) for b in img_cfg.buckets]
@@ -178,6 +178,8 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
                 raise Rejected("missing_id")
             if i in dup:
                 raise Rejected("duplicate_id", f"id {rid!r} seen earlier")
+            if i in flaws:  # the source says what is wrong (a tar member cut short)
+                raise Rejected(*flaws[i])
             if not isinstance(caption, str) or not caption.strip():
                 raise Rejected("empty_caption")
             im = decode_image(images[i], img_cfg.max_image_pixels, img_cfg.min_image_side)

@@ -11,6 +11,7 @@ Layout of a cache root::
     quarantine/<unit>-<groups>.parquet   rows that failed, with the reason (`QUARANTINE_SCHEMA`)
     prefix/<encoder>-<fingerprint>.safetensors   shared prefix states of one encoder, tensor `PREFIX_TENSOR`
     plan/dedupe-<key>.json        builder's memo of duplicate-id rows per source state (not read by readers)
+    plan/tar-<key>.json           builder's memo of a WebDataset tar's sample count per file state (ditto)
 
 Commit protocol: shard and quarantine files are written atomically (temp file + rename locally; one PUT on
 S3, which makes an object visible only when complete), then the sidecar; the manifest is written last. A
@@ -19,7 +20,7 @@ them (it finds them by their deterministic names and reuses them: that is how a 
 
 Shard columns (one row per sample, rows in source order):
 
-- `id` (string): stable sample id from the source (`id` column, or the image file's stem).
+- `id` (string): stable sample id from the source (`id` column, the image file's stem, or a tar sample's key).
 - `caption` (string), `source` (string: source file URI), `source_row` (int64: row / file index in it).
 - `width`, `height` (int32): original image size; `bucket` (string "WxH"), `bucket_width`,
   `bucket_height` (int32): pixel size after the aspect-ratio bucket resize + centre crop.
@@ -197,10 +198,10 @@ def decode_tensor(data: bytes | memoryview, dtype: str, shape: tuple[int, ...]) 
 
 
 class SourceEntry(StrictModel):
-    """One source file (Parquet file, or one image folder) as ingested by this version."""
+    """One source file (Parquet file, WebDataset tar, or one image folder) as ingested by this version."""
 
     uri: str
-    format: Literal["parquet", "images"]
+    format: Literal["parquet", "webdataset", "images"]
     fingerprint: str
     rows: int = Field(ge=0)
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,3 +55,23 @@ def cache_config(starter: Any, output: Path | str, **overrides: Any) -> dict[str
     }
     cfg.update(overrides)
     return cfg
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """An img2dataset-style tar: each sample's members `KEY.EXT` back to back."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def starter_samples(starter, start: int, stop: int) -> list[tuple[str, dict[str, bytes]]]:
+    """Rows [start, stop) of the micro starter's train split as (id, {png, txt}) samples."""
+    import pyarrow.parquet as pq
+
+    first = sorted(Path(starter.train_parquet).glob("*.parquet"))[0]
+    rows = pq.read_table(first, columns=["id", "image", "caption"]).slice(start, stop - start).to_pylist()
+    return [(r["id"], {"png": r["image"], "txt": r["caption"].encode()}) for r in rows]

@@ -11,7 +11,7 @@ from lidit.cache import contract as C
 from lidit.cache.reader import CacheReader, batch_to_training_inputs
 from pipelines.build import build_cache
 from pipelines.config import CacheBuildConfig
-from tests.pipelines.conftest import cache_config
+from tests.pipelines.conftest import cache_config, starter_samples, write_tar
 
 
 @pytest.fixture
@@ -69,6 +69,27 @@ def test_build_and_read_on_s3(cache_starter, ray_local, s3_server):
 
     again = build_cache(CacheBuildConfig.model_validate(cfg))  # incremental on S3 too
     assert again["computed"] == {"latents": 0, "llama": 0, "qwen2": 0} and not again["new_version"]
+
+
+def test_build_from_tars_on_s3(cache_starter, ray_local, s3_server, tmp_path):
+    fs, opts = s3_server
+    for part, (start, stop) in enumerate([(0, 12), (12, 20)]):
+        local = write_tar(tmp_path / f"part-{part}.tar", starter_samples(cache_starter, start, stop))
+        fs.put(str(local), f"lidit-test/wds/part-{part}.tar")
+    cfg = cache_config(
+        cache_starter,
+        "s3://lidit-test/wds-cache",
+        sources=[{"uri": "s3://lidit-test/wds"}],
+        storage_options=opts,
+        rows_per_shard=8,
+    )
+    s = build_cache(CacheBuildConfig.model_validate(cfg))
+    assert s["rows"] == 20 and s["quarantined_total"] == 0 and s["shards"] == 2 + 1
+    ids = CacheReader("s3://lidit-test/wds-cache", storage_options=opts).to_arrow([C.COL_ID]).column(0)
+    assert sorted(ids.to_pylist()) == sorted(key for key, _ in starter_samples(cache_starter, 0, 20))
+    assert fs.find("lidit-test/wds-cache/plan", prefix="tar-") or fs.glob(
+        "lidit-test/wds-cache/plan/tar-*.json"
+    )
 
 
 def test_racing_builds_commit_exactly_one_version(
