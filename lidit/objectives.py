@@ -23,13 +23,14 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 ObjectiveName = Literal["epsilon", "flow"]
 TimestepSampling = Literal["uniform", "logit_normal"]
 TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "logit_normal")
-SAMPLERS: dict[str, tuple[str, ...]] = {"epsilon": ("ddim", "ddpm", "dpm"), "flow": ("euler",)}
+SAMPLERS: dict[str, tuple[str, ...]] = {"epsilon": ("ddim", "ddpm", "dpm"), "flow": ("euler", "heun")}
 DEFAULT_SAMPLER = {"epsilon": "ddim", "flow": "euler"}
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -108,6 +109,8 @@ def make_scheduler(
             f"sampler {sampler!r} does not fit objective {objective!r}; use one of {SAMPLERS[objective]}"
         )
     if objective == "flow":
+        if sampler == "heun":  # second order: two generator calls per step but the last
+            return FlowMatchHeunDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=flow_shift)
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=flow_shift)
     base = ddpm_scheduler().config
     if sampler == "ddim":

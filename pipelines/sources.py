@@ -101,15 +101,8 @@ def discover(
     if fmt == "webdataset":
         return _discover_tars(loc, cfg, memo)
     if fmt == "parquet":
-        if loc.fs.isdir(loc.path):
-            found = loc.fs.find(loc.path, detail=True)
-            infos = [found[p] for p in sorted(found) if p.endswith(".parquet")]
-        else:
-            infos = [loc.fs.info(loc.path)]
-        if not infos:
-            raise ConfigError(f"sources: no .parquet files under {cfg.uri}")
         out = []
-        for info in infos:
+        for info in _listing(loc, cfg, ".parquet"):
             path = info["name"]
             with loc.fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
@@ -141,16 +134,21 @@ def discover(
     return [SourceFile(cfg, fmt, loc.uri, loc.path, fingerprint, len(files), files)]
 
 
-def _discover_tars(loc: Location, cfg: SourceConfig, memo: Location | None) -> list[SourceFile]:
+def _listing(loc: Location, cfg: SourceConfig, suffix: str) -> list[dict[str, Any]]:
+    """Listing entries of the source's `suffix` files in path order (the source itself if it is a file)."""
     if loc.fs.isdir(loc.path):
         found = loc.fs.find(loc.path, detail=True)
-        infos = [found[p] for p in sorted(found) if p.endswith(".tar")]
+        infos = [found[p] for p in sorted(found) if p.endswith(suffix)]
     else:
         infos = [loc.fs.info(loc.path)]
     if not infos:
-        raise ConfigError(f"sources: no .tar files under {cfg.uri}")
+        raise ConfigError(f"sources: no {suffix} files under {cfg.uri}")
+    return infos
+
+
+def _discover_tars(loc: Location, cfg: SourceConfig, memo: Location | None) -> list[SourceFile]:
     out = []
-    for info in infos:
+    for info in _listing(loc, cfg, ".tar"):
         path, fingerprint = info["name"], file_fingerprint(info)
         tar = _tar_scan(loc, path, fingerprint, int(info["size"]), memo)
         if tar.stopped_early:
