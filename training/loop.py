@@ -122,6 +122,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 fail_marker.parent.mkdir(parents=True, exist_ok=True)
                 fail_marker.write_text("worker killed on purpose by fail_at_step\n")
                 print(f"[train] rank {rank}: dying at step {step} (fail_at_step test hook)", flush=True)
+                # Ray Train V2 registers a checkpoint only once its controller has polled that report from
+                # every worker (one poll per health-check interval, 2 s by default): a worker dying sooner
+                # loses it and the group restarts from the checkpoint before. Die as a crash would, later.
+                time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) + 1.0)
                 os._exit(1)
         epoch, position, latents, texts = next(batches)
         texts = select_branches(texts, reader, names)

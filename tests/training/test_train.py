@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -180,6 +181,11 @@ def test_killed_worker_restarts_from_checkpoint(
     summary = run_training(_config(micro_cache, tmp_path, "killed", fail_at_step=6))
     assert summary["steps"] == 8
     assert (tmp_path / "runs" / "killed" / ".failed_once").exists()  # a worker really died at step 6
+    # Resumed, not started again: steps 1-4 are logged once (a restart from scratch logs them twice; the
+    # survivor may log steps 5-6 again after the restart), and every step up to 8 is there.
+    history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")
+    logged = Counter(m.step for m in history)
+    assert set(logged) == set(range(1, 9)) and all(logged[s] == 1 for s in range(1, 5)), logged
     # Restarted from the step-4 checkpoint, the run ends exactly where an uninterrupted one does.
     _assert_same_weights(straight_weights, _generator_weights(summary["mlflow_run_id"]))
 
