@@ -55,6 +55,15 @@ def parse_model_uri(uri: str) -> ModelURI | None:
     return ModelURI(name, alias=tag) if sep == "@" else ModelURI(name, version=tag)
 
 
+def registered_name(uri: str) -> str | None:
+    """NAME of a well-formed `models:/` URI; None for a local path or a malformed URI."""
+    try:
+        parsed = parse_model_uri(uri)
+    except ValueError:
+        return None
+    return parsed.name if parsed else None
+
+
 def configure_mlflow(experiment: str | None = None) -> str:
     """Point MLflow at `mlflow_tracking_uri()`; create `experiment` with artifacts under LIDIT_HOME when local.
 

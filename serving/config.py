@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lidit.config import StrictModel
-from lidit.registry import parse_model_uri
+from lidit.registry import parse_model_uri, registered_name
 
 SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 
@@ -246,8 +246,7 @@ class ServeConfig(StrictModel):
 
     def registered_name(self) -> str | None:
         """NAME of a `models:/NAME@ALIAS` / `models:/NAME/VERSION` model; None for a local export."""
-        parsed = parse_model_uri(self.model)
-        return parsed.name if parsed else None
+        return registered_name(self.model)
 
     def default_model_name(self) -> str:
         """Name clients use: `served_model_name`, else the registered name, else the export dir's name."""

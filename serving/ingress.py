@@ -21,7 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lidit.registry import parse_model_uri
+from lidit.registry import registered_name
 from serving.api import (
     IMAGES_PATH,
     MODEL_VERSION_HEADER,
@@ -40,15 +40,6 @@ from serving.state import ENCODER, GENERATOR, INGRESS, ServedVersion, model_user
 logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="LI-DiT images API", version="1")
-
-
-def _registry_name(uri: str) -> str | None:
-    """NAME of a well-formed `models:/` URI, else None (a path, or a malformed URI the reload check refuses)."""
-    try:
-        parsed = parse_model_uri(uri)
-    except ValueError:
-        return None
-    return parsed.name if parsed else None
 
 
 def _json_error(exc: APIError) -> JSONResponse:
@@ -300,7 +291,7 @@ class Ingress:
                 # Only other aliases/versions of the served registered model (rollback, canary promote);
                 # pointing a server at an arbitrary path or model is a deployment change, not a reload.
                 name = self._cfg.registered_name()
-                if uri != self._version.model_uri and not (name and _registry_name(uri) == name):
+                if uri != self._version.model_uri and not (name and registered_name(uri) == name):
                     raise APIError(
                         400, f"reload can only switch to models:/{name}@ALIAS or /VERSION", param="model"
                     )

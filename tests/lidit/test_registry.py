@@ -25,3 +25,12 @@ def test_alias_version_and_local_paths() -> None:
 def test_malformed_registry_uris_are_refused(uri: str) -> None:
     with pytest.raises(ValueError, match="expected models:/NAME@ALIAS"):
         parse_model_uri(uri)
+
+
+def test_registered_name_is_none_for_paths_and_malformed_uris() -> None:
+    from lidit.registry import registered_name
+
+    assert registered_name("models:/lidit-starter@production") == "lidit-starter"
+    assert registered_name("models:/lidit-starter/3") == "lidit-starter"
+    assert registered_name("/exports/lidit-starter") is None
+    assert registered_name("models:/no-tag") is None
