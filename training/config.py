@@ -88,7 +88,10 @@ class TrackingSection(StrictModel):
         "drawn only after the last step, so they never stall the other ranks (training.loop.intermediate_sampling)",
     )
     system_metrics_every_s: float = Field(
-        10.0, ge=0, description="CPU/memory/GPU of rank 0's node as system/* run metrics every N s (0 = off)"
+        10.0,
+        ge=0,
+        description="CPU/memory/GPU every N s (0 = off): rank 0's node as system/* run metrics, every other "
+        "node (its first worker) as system/node_<N>/*",
     )
     num_samples: int = Field(8, ge=0)
     sample_steps: int = Field(20, ge=1)

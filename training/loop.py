@@ -107,6 +107,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step, epoch, position = (int(x) for x in train_state)
 
     tracker = RankZeroTracker(cfg, loop_config, reader, gen_config, names, device) if rank == 0 else None
+    # Rank 0's node logs system/*; the first worker of every other node logs system/node_<N>/*.
+    node = ctx.get_node_rank() if rank != 0 and ctx.get_local_rank() == 0 else None
+    node_metrics = start_system_metrics(cfg, loop_config, f"node_{node}") if node is not None else None
     sample_every, reason = intermediate_sampling(cfg.tracking.sample_every, world)
     if reason and rank == 0:
         print(f"[train] {reason}", flush=True)
@@ -161,6 +164,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if checkpoint_now:
             save_and_report(model, optim, ema, train_state, metrics)
 
+    if node_metrics is not None:
+        node_metrics.finish()
     if last_step < cfg.steps:  # stopped early on purpose: the checkpoint is the result
         if tracker:
             tracker.close()
@@ -176,6 +181,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
         final.update(tracker.finish(weights))
         tracker.close()
     ray.train.report(final)
+
+
+def start_system_metrics(cfg: TrainConfig, loop_config: dict, node_id: str | None) -> Any:
+    """MLflow's system-metrics thread (CPU, memory, GPU of this node) logging into the run, or None when off.
+
+    `node_id` None logs `system/*` (rank 0's node); else `system/<node_id>/*`, so nodes never mix."""
+    if not cfg.tracking.system_metrics_every_s:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        loop_config["mlflow_run_id"],
+        sampling_interval=cfg.tracking.system_metrics_every_s,
+        resume_logging=True,  # a resumed run continues the step count of its system metrics
+        node_id=node_id,
+        tracking_uri=loop_config["tracking_uri"],
+    )
+    monitor.start()
+    return monitor
 
 
 def intermediate_sampling(sample_every: int, world: int) -> tuple[int, str | None]:
@@ -229,17 +253,7 @@ class RankZeroTracker:
         self.losses: list[tuple[int, float]] = []
         self._vae = None
         self._samples: tuple | None = None
-        self._system = None
-        if cfg.tracking.system_metrics_every_s:  # system/* metrics of this node, logged by MLflow's thread
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._system = SystemMetricsMonitor(
-                self.run_id,
-                sampling_interval=cfg.tracking.system_metrics_every_s,
-                resume_logging=True,  # a resumed run continues the step count of its system metrics
-                tracking_uri=loop_config["tracking_uri"],
-            )
-            self._system.start()
+        self._system = start_system_metrics(cfg, loop_config, node_id=None)
 
     def close(self) -> None:
         """Stop the system metrics thread (after its last sample is logged)."""
