@@ -97,7 +97,8 @@ def scan(f: BinaryIO, size: int) -> TarScan:
     for sample in iter_samples(f):
         rows += 1
         end = max(end, *(m.offset_data + m.size for m in sample.members.values()))
-    end = -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # data is padded to a block: the next header's offset
+    # Member data is padded to a block: the next header starts at the rounded-up offset.
+    end = -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     return TarScan(rows=rows, end=min(end, size), size=size)
 
 
