@@ -104,6 +104,20 @@ def train_prompts(starter: Path, n: int) -> list[tuple[str, dict[str, Any]]]:
     return [(r["caption"], r["spec"]) for r in iter_split(starter, "train", limit=n, decode=False)]
 
 
+def sampling_parts(reader: CacheReader, names: list[str], device: str) -> tuple[Any, list[PromptEncoder]]:
+    """The cache's VAE and prompt encoders (the models its features came from), for a `LiDiTPipeline`."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(reader.vae_path).to(device)
+    return vae, [PromptEncoder(EncoderConfig.model_validate(reader.encoder_config(n)), device) for n in names]
+
+
+def category_scores(report: Any) -> dict[str, float | None]:
+    """Overall and per-category accuracy of an `EvalReport`, keyed by `CATEGORIES`."""
+    metrics = report_metrics(report.to_dict())
+    return {k: metrics["overall" if k == "overall" else f"cat.{k}"] for k in CATEGORIES}
+
+
 def run_curve(
     cfg: TrainConfig,
     budgets: list[int],
@@ -128,10 +142,7 @@ def run_curve(
     fixed_latents, fixed_texts, _ = batch_to_training_inputs(fixed, reader)
     fixed_texts = select_branches(fixed_texts, reader, names)
 
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(reader.vae_path).to(device)
-    encoders = [PromptEncoder(EncoderConfig.model_validate(reader.encoder_config(n)), device) for n in names]
+    vae, encoders = sampling_parts(reader, names, device)
     heldout = heldout_prompts(starter, eval_cfg.prompts)
     seen = train_prompts(starter, eval_cfg.prompts)
     size = reader.manifest.image.resolution
@@ -178,8 +189,7 @@ def run_curve(
         row.update(text_losses(generator, cfg, fixed_latents.to(device), [t.to(device) for t in fixed_texts]))
         for split, prompts in (("heldout", heldout), ("train", seen)):
             report, _ = evaluate_pipeline(pipe, prompts, eval_cfg, size)
-            metrics = report_metrics(report.to_dict())
-            row[split] = {k: metrics["overall" if k == "overall" else f"cat.{k}"] for k in CATEGORIES}
+            row[split] = category_scores(report)
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -21,19 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from learning_curve import CATEGORIES, RESULTS, category_scores, fmt, sampling_parts  # same directory
 
 from lidit.cache.reader import CacheReader
 from lidit.config import lidit_home, load_config
-from lidit.encoder import EncoderConfig, PromptEncoder
-from lidit.experiment import EvalSection, evaluate_pipeline, report_metrics
+from lidit.experiment import EvalSection, evaluate_pipeline
 from lidit.generator import LiDiTGenerator
 from lidit.pipeline import LiDiTPipeline
 from lidit.starter import heldout_prompts
 from training.config import TrainConfig
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-CATEGORIES = ("overall", "colour", "shape", "binding", "count", "position")
 
 
 def _floats(text: str) -> list[float]:
@@ -48,12 +44,8 @@ def sweep(
     device: str,
 ) -> list[dict[str, Any]]:
     """One row per (sampler, steps, guidance, shift): held-out scores and seconds per image."""
-    from diffusers import AutoencoderKL
-
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
-    names = cfg.model.encoders or reader.encoder_names
-    vae = AutoencoderKL.from_pretrained(reader.vae_path).to(device)
-    encoders = [PromptEncoder(EncoderConfig.model_validate(reader.encoder_config(n)), device) for n in names]
+    vae, encoders = sampling_parts(reader, cfg.model.encoders or reader.encoder_names, device)
     size = reader.manifest.image.resolution
     rows = []
     for sampler, steps, guidance, shift in grid:
@@ -63,14 +55,13 @@ def sweep(
         settings = EvalSection(prompts=len(prompts), sample_steps=steps, guidance_scale=guidance)
         t0 = time.perf_counter()
         report, _ = evaluate_pipeline(pipe, prompts, settings, size)
-        metrics = report_metrics(report.to_dict())
         row = {
             "sampler": sampler,
             "steps": steps,
             "guidance": guidance,
             "shift": shift,
             "s_per_image": round((time.perf_counter() - t0) / len(prompts), 3),
-            **{k: metrics["overall" if k == "overall" else f"cat.{k}"] for k in CATEGORIES},
+            **category_scores(report),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -78,9 +69,6 @@ def sweep(
 
 
 def markdown(results: dict[str, Any]) -> str:
-    def fmt(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.2f}"
-
     lines = [
         "# Sampler sweep",
         "",
