@@ -49,7 +49,7 @@ class SourceConfig(StrictModel):
     )
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in webdataset.IMAGE_EXTENSIONS)  # image-folder suffixes
 
 
 @dataclass
@@ -186,8 +186,7 @@ def read_ids(loc: Location, rows: RowRange) -> list[str | None]:
         return read_parquet_rows(loc, rows.path, rows.source, rows.start, rows.stop, ids_only=True)[0]
     if rows.format == "webdataset":
         with loc.fs.open(rows.path, "rb") as f:
-            keys = [s.key for s in webdataset.iter_samples(f)]
-        return list(keys[rows.start : rows.stop])
+            return [s.key for s in webdataset.samples_in_range(f, rows.start, rows.stop)]
     return [_image_id(img) for img, _ in rows.files]
 
 

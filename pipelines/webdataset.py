@@ -12,6 +12,7 @@ header), `TarScan.stopped_early` says so and the planner warns with the byte off
 
 from __future__ import annotations
 
+import itertools
 import json
 import posixpath
 import tarfile
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+# Image suffixes without the dot (member extensions); `pipelines.sources` derives its folder suffixes from it.
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 # After the last member's block-padded data two zero blocks close a tar, and writers pad it to a record.
 _END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
@@ -91,6 +93,11 @@ def iter_samples(f: BinaryIO) -> Iterator[Sample]:
         yield current
 
 
+def samples_in_range(f: BinaryIO, start: int, stop: int) -> list[Sample]:
+    """Samples [start, stop) of an archive; reads no header past the last of them."""
+    return list(itertools.islice(iter_samples(f), start, stop))
+
+
 def scan(f: BinaryIO, size: int) -> TarScan:
     """Count an archive's samples from its headers alone."""
     rows, end = 0, 0
@@ -123,12 +130,7 @@ def read_samples(
 ) -> list[SampleRow]:
     """Samples [start, stop) of an archive: the first image member, the caption from the `caption_extension`
     member (else `caption_key` of the `.json` member), reading only those members' data."""
-    wanted: list[Sample] = []
-    for index, sample in enumerate(iter_samples(f)):
-        if index >= stop:
-            break
-        if index >= start:
-            wanted.append(sample)
+    wanted = samples_in_range(f, start, stop)
     text_ext = caption_extension.lstrip(".").lower()
     rows = []
     for sample in wanted:

@@ -159,7 +159,7 @@ def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
 
         try:  # read here so a wrong path fails now, not after the last step on rank 0
             found = len(heldout_prompts(cfg.tracking.eval_starter, 1))
-        except (FileNotFoundError, OSError) as exc:
+        except OSError as exc:  # FileNotFoundError included
             raise ConfigError(f"tracking.eval_starter: {exc}") from None
         if not found:
             raise ConfigError(f"tracking.eval_starter: {cfg.tracking.eval_starter} has no held-out prompts")
