@@ -165,18 +165,23 @@ class LiDiTGenerator(nn.Module):
         """Refine each branch, fuse, drop prefixes, concatenate: -> tokens (B, S, D), mask (B, S)."""
         if len(texts) != len(self.refiners):
             raise ValueError(f"expected text features for {len(self.refiners)} encoders, got {len(texts)}")
+        # The prefix (system prompt + instruction) guided the LLM; only prompt tokens reach the DiT, so the
+        # last text layer computes only those (the collaborative refiner's keys keep every token).
+        prefix_lens = [f.prefix_len for f in texts]
+        fuse = self.collaborative is not None
         branches, masks, conds = [], [], []
         for refiner, feats in zip(self.refiners, texts, strict=True):
             mask = feats.mask.bool()
             c = refiner.condition(feats.states, mask, t_emb)  # (B, D), also feeds the collaborative refiner
-            branches.append(refiner(feats.states, mask, t_emb, c))  # (B, T_i, D)
+            keep_from = 0 if fuse else feats.prefix_len
+            branches.append(refiner(feats.states, mask, t_emb, c, keep_from))  # (B, T_i - keep_from, D)
             masks.append(mask)
             conds.append(c)
-        if self.collaborative is not None:
-            branches = self.collaborative(branches, masks, torch.stack(conds).mean(0))
-        # The prefix (system prompt + instruction) guided the LLM; only prompt tokens reach the DiT.
-        tokens = [b[:, f.prefix_len :] for b, f in zip(branches, texts, strict=True)]
-        token_masks = [m[:, f.prefix_len :] for m, f in zip(masks, texts, strict=True)]
+        if fuse:
+            tokens = self.collaborative(branches, masks, torch.stack(conds).mean(0), prefix_lens)
+        else:
+            tokens = branches
+        token_masks = [m[:, n:] for m, n in zip(masks, prefix_lens, strict=True)]
         prompt_tokens = torch.cat(tokens, dim=1)  # (B, S-1, D)
         prompt_mask = torch.cat(token_masks, dim=1)  # (B, S-1)
         b = prompt_tokens.shape[0]

@@ -26,11 +26,21 @@ class TokenRefinerBlock(nn.Module):
         self.mlp = MLP(dim, mlp_ratio)
         self.gates = AdaLN(dim, dim, chunks=2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor, keep_from: int = 0
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T - keep_from, D): only tokens from `keep_from` on are computed (as queries;
+        every token stays a key), for a last block whose earlier outputs nobody reads."""
         gate_attn, gate_mlp = self.gates(c)  # (B, D) each
-        x = x + gate_attn.unsqueeze(1) * self.attn(self.norm1(x), key_mask=mask, causal=self.causal)
+        h = self.norm1(x)
+        q = h[:, keep_from:]
+        if self.causal:  # queries from keep_from on see keys up to their own position
+            attn = self.attn(h, key_mask=mask, causal=True)[:, keep_from:]
+        else:
+            attn = self.attn(q, context=h, key_mask=mask)
+        x = x[:, keep_from:] + gate_attn.unsqueeze(1) * attn
         x = x + gate_mlp.unsqueeze(1) * self.mlp(self.norm2(x))
-        return x  # (B, T, D)
+        return x  # (B, T - keep_from, D)
 
 
 class LinguisticTokenRefiner(nn.Module):
@@ -58,17 +68,24 @@ class LinguisticTokenRefiner(nn.Module):
         return t_emb + self.pool_mlp(masked_mean(states, mask))
 
     def forward(
-        self, states: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor, c: torch.Tensor | None = None
+        self,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        t_emb: torch.Tensor,
+        c: torch.Tensor | None = None,
+        keep_from: int = 0,
     ) -> torch.Tensor:
-        """states (B, T, Dllm), mask (B, T) bool, t_emb (B, D) -> refined tokens (B, T, D).
+        """states (B, T, Dllm), mask (B, T) bool, t_emb (B, D) -> refined tokens (B, T - keep_from, D).
 
-        `c` is `condition(states, mask, t_emb)`; pass it when the caller already computed it.
+        `c` is `condition(states, mask, t_emb)`; pass it when the caller already computed it. `keep_from`
+        returns only the tokens from that index on (the prompt after the prefix): the last block then
+        computes only those, the same values as slicing the full output.
         """
         c = self.condition(states, mask, t_emb) if c is None else c  # (B, D)
         x = self.proj(states)  # (B, T, D)
-        for block in self.blocks:
-            x = block(x, mask, c)
-        return x
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, c, keep_from if i == len(self.blocks) - 1 else 0)
+        return x if self.blocks else x[:, keep_from:]
 
 
 class CollaborativeBlock(nn.Module):
@@ -86,6 +103,7 @@ class CollaborativeBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, others: torch.Tensor, others_mask: torch.Tensor, c: torch.Tensor
     ) -> torch.Tensor:
+        """x (B, T_i, D) queries (every token is independent of the others, so a caller may pass a slice)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)
         h = self.cross(modulate(self.norm1(x), shift1, scale1), context=others, key_mask=others_mask)
         x = x + gate1.unsqueeze(1) * h
@@ -103,12 +121,21 @@ class CollaborativeRefiner(nn.Module):
         self.blocks = nn.ModuleList(CollaborativeBlock(dim, heads, mlp_ratio) for _ in range(num_branches))
 
     def forward(
-        self, branches: list[torch.Tensor], masks: list[torch.Tensor], c: torch.Tensor
+        self,
+        branches: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        c: torch.Tensor,
+        keep_from: list[int] | None = None,
     ) -> list[torch.Tensor]:
-        """All branches update from the same input snapshot, so branch order does not matter."""
+        """All branches update from the same input snapshot, so branch order does not matter.
+
+        `keep_from[i]`: return (and compute) branch i's tokens from that index on only; every token of
+        the other branches stays a key (the prefix guided the LLM, the DiT reads only the prompt).
+        """
+        keep_from = keep_from or [0] * len(branches)
         out = []
         for i, block in enumerate(self.blocks):
             others = torch.cat([b for j, b in enumerate(branches) if j != i], dim=1)  # (B, S, D)
             others_mask = torch.cat([m for j, m in enumerate(masks) if j != i], dim=1)  # (B, S)
-            out.append(block(branches[i], others, others_mask, c))
+            out.append(block(branches[i][:, keep_from[i] :], others, others_mask, c))
         return out

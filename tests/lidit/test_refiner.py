@@ -73,3 +73,24 @@ def test_collaborative_refiner_identity_at_init_and_fuses_after_training() -> No
     b2[:, 0] += 1.0
     before, after = collab([a, b], masks, c)[0], collab([a, b2], masks, c)[0]
     assert (before - after).abs().max() > 1e-4  # branch A reads branch B
+
+
+def test_keep_from_computes_only_the_kept_tokens_with_the_same_values() -> None:
+    # The generator asks the last text layer for the prompt tokens only (the prefix is dropped before the
+    # DiT): the result must equal slicing the full output, prefix tokens still acting as keys.
+    states, t_emb = torch.randn(2, 9, 24), torch.randn(2, 32)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, -2:] = False  # a padded row
+    for causal in (False, True):
+        refiner = LinguisticTokenRefiner(llm_dim=24, dim=32, depth=2, heads=4, causal=causal)
+        _randomize_gates(refiner)
+        kept = refiner(states, mask, t_emb, keep_from=4)
+        assert kept.shape == (2, 5, 32)
+        torch.testing.assert_close(kept, refiner(states, mask, t_emb)[:, 4:])
+    collab = CollaborativeRefiner(num_branches=2, dim=32, heads=4)
+    _randomize_gates(collab)
+    a, b, c = torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 32)
+    masks = [torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool)]
+    full, kept = collab([a, b], masks, c), collab([a, b], masks, c, keep_from=[2, 3])
+    torch.testing.assert_close(kept[0], full[0][:, 2:])
+    torch.testing.assert_close(kept[1], full[1][:, 3:])
