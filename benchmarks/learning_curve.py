@@ -51,6 +51,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 RECIPES = {"default": ROOT / "configs/starter/train.yaml", "long": ROOT / "configs/starter/train_long.yaml"}
 PROGRESS_EVERY = 100  # steps between progress lines
 CATEGORIES = ("overall", "colour", "shape", "binding", "count", "position")
+DIRECTIONS = ("rel_holds", "rel_inverse")  # relation scenes with both objects found
 
 
 def _shuffled(texts: list[TextFeatures]) -> list[TextFeatures]:
@@ -113,9 +114,11 @@ def sampling_parts(reader: CacheReader, names: list[str], device: str) -> tuple[
 
 
 def category_scores(report: Any) -> dict[str, float | None]:
-    """Overall and per-category accuracy of an `EvalReport`, keyed by `CATEGORIES`."""
+    """Overall and per-category accuracy of an `EvalReport`, keyed by `CATEGORIES`, plus `rel_holds` /
+    `rel_inverse`: of the relation scenes with both objects found, the share placed right / the other way round."""
     metrics = report_metrics(report.to_dict())
-    return {k: metrics["overall" if k == "overall" else f"cat.{k}"] for k in CATEGORIES}
+    scores = {k: metrics["overall" if k == "overall" else f"cat.{k}"] for k in CATEGORIES}
+    return scores | {k: metrics[k.replace("_", ".")] for k in DIRECTIONS}
 
 
 def run_curve(
@@ -223,20 +226,25 @@ def markdown(results: dict[str, Any]) -> str:
             *([f"{rec['note']}  "] if rec.get("note") else []),
             "",
             "| steps | samples | train s | held-out overall | colour | shape | binding | count | position "
-            "| train-prompt overall | colour | shape | binding | count | position | loss true | shuffled | none |",
-            "|" + "---|" * 18,
+            "| rel. holds | inverted | train-prompt overall | colour | shape | binding | count | position "
+            "| rel. holds | inverted | loss true | shuffled | none |",
+            "|" + "---|" * 22,
         ]
         for r in rec["rows"]:
             h, t = r["heldout"], r["train"]
-
             lines.append(
                 f"| {r['steps']} | {r['samples']} | {r['train_s']:.0f} | "
-                + " | ".join(fmt(h[k]) for k in CATEGORIES)
+                + " | ".join(fmt(h.get(k)) for k in (*CATEGORIES, *DIRECTIONS))
                 + " | "
-                + " | ".join(fmt(t[k]) for k in CATEGORIES)
+                + " | ".join(fmt(t.get(k)) for k in (*CATEGORIES, *DIRECTIONS))
                 + f" | {r['loss_true']:.4f} | {r['loss_shuffled']:.4f} | {r['loss_none']:.4f} |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "rel. holds / inverted: of the relation scenes whose two named objects were both found, the share "
+            "with the relation right / placed the other way round (n/a: rows measured before this column).",
+            "",
+        ]
         ref = rec.get("reference") or {}
         if ref:
             lines += [

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from learning_curve import CATEGORIES, RESULTS, category_scores, fmt, sampling_parts  # same directory
+from learning_curve import (  # same directory
+    CATEGORIES,
+    DIRECTIONS,
+    RESULTS,
+    category_scores,
+    fmt,
+    sampling_parts,
+)
 
 from lidit.cache.reader import CacheReader
 from lidit.config import lidit_home, load_config
@@ -85,16 +92,22 @@ def markdown(results: dict[str, Any]) -> str:
             f"{rec['machine']}; measured {rec['date']}.  ",
             *([f"{rec['note']}  "] if rec.get("note") else []),
             "",
-            "| sampler | steps | guidance | shift | s/image | overall | colour | shape | binding | count | position |",
-            "|" + "---|" * 11,
+            "| sampler | steps | guidance | shift | s/image | overall | colour | shape | binding | count | position "
+            "| rel. holds | inverted |",
+            "|" + "---|" * 13,
         ]
         for r in rec["rows"]:
             lines.append(
                 f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['shift']:g} | {r['s_per_image']:.3f} | "
-                + " | ".join(fmt(r[k]) for k in CATEGORIES)
+                + " | ".join(fmt(r.get(k)) for k in (*CATEGORIES, *DIRECTIONS))
                 + " |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "rel. holds / inverted: of the relation scenes with both named objects found, the share with the "
+            "relation right / placed the other way round (n/a: measured before this column).",
+            "",
+        ]
     return "\n".join(lines)
 
 

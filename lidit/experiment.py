@@ -176,7 +176,7 @@ METRICS: tuple[str, ...] = (
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float | None]:
     """Flat metrics of one `EvalReport.to_dict()`: overall, mean of the categories, each category, each
-    position bin (None where nothing applied)."""
+    position bin, the relation direction where both objects were found (None where nothing applied)."""
     cats = {c: (report["categories"].get(c) or {}).get("acc") for c in CATEGORIES}
     present = [v for v in cats.values() if v is not None]
     out: dict[str, float | None] = {
@@ -185,6 +185,8 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float | None]:
     }
     out.update({f"cat.{c}": v for c, v in cats.items()})
     out.update({f"pos.{b}": (report["by_position"].get(b) or {}).get("acc") for b in POSITION_BINS})
+    direction = report.get("relation_direction") or {}
+    out.update({f"rel.{d}": (direction.get(d) or {}).get("acc") for d in ("holds", "inverse")})
     return out
 
 

@@ -110,6 +110,9 @@ class ImageScore:
     # name the object the grammar's way).
     objects: list[dict[str, Any]]
     detections: list[Detection] = field(default_factory=list)
+    # Relation scenes with both named objects found: "holds", "inverse" (placed the other way round) or
+    # "neither"; None otherwise. Tells a model that ignores the relation from one that follows a prior.
+    relation: str | None = None
 
 
 @dataclass
@@ -121,6 +124,8 @@ class EvalReport:
     categories: dict[str, dict[str, float]]  # name -> {"acc", "n"}
     kinds: dict[str, dict[str, float]]  # scene kind -> {"acc", "n"} (overall accuracy)
     by_position: dict[str, dict[str, float]]  # first/middle/last -> {"acc", "n"} (objects)
+    # Over relation scenes whose two objects were both found: share where the relation holds / is inverted.
+    relation_direction: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -361,11 +366,15 @@ def score_image(
         cats["count"] = all(exact)
     rel = spec.get("relation")
     position_ok = True
+    direction = None
     if rel:
         a, b = matches[rel["subject"]], matches[rel["object"]]
-        position_ok = bool(a and b) and relation_holds(
-            a[0].center, b[0].center, rel["relation"], margin=RELATION_MARGIN_FRAC * width
-        )
+        margin = RELATION_MARGIN_FRAC * width
+        if a and b:
+            holds = relation_holds(a[0].center, b[0].center, rel["relation"], margin=margin)
+            inverse = relation_holds(b[0].center, a[0].center, rel["relation"], margin=margin)
+            direction = "holds" if holds else "inverse" if inverse else "neither"
+        position_ok = direction == "holds"
         cats["position"] = position_ok
     mentions = locate_mentions(prompt, spec) if prompt else [None] * len(groups)
     objects = [
@@ -382,6 +391,7 @@ def score_image(
         overall=all(exact) and position_ok,
         objects=objects,
         detections=dets,
+        relation=direction,
     )
 
 
@@ -409,6 +419,9 @@ def aggregate(scores: Iterable[ImageScore]) -> EvalReport:
         categories={c: _acc(cats[c]) for c in CATEGORIES if c in cats},
         kinds={k: _acc(v) for k, v in sorted(kinds.items())},
         by_position={b: _acc(v) for b, v in bins.items()},
+        relation_direction={
+            d: _acc([s.relation == d for s in scores if s.relation is not None]) for d in ("holds", "inverse")
+        },
     )
 
 
@@ -606,5 +619,8 @@ def format_report(report: EvalReport, title: str = "") -> str:
         lines.append(f"    {name:<9} {fmt(v['acc'])}  (n={v['n']})")
     lines.append("  by object position in the prompt:")
     for name, v in report.by_position.items():
+        lines.append(f"    {name:<9} {fmt(v['acc'])}  (n={v['n']})")
+    lines.append("  relation scenes with both objects found:")
+    for name, v in report.relation_direction.items():
         lines.append(f"    {name:<9} {fmt(v['acc'])}  (n={v['n']})")
     return "\n".join(lines)

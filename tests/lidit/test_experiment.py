@@ -101,6 +101,10 @@ def test_report_metrics_flattens_and_averages_the_present_categories() -> None:
     assert m["category_mean"] == pytest.approx((0.6 + 1.0 + 0.5) / 3)
     assert m["cat.count"] is None and m["cat.position"] is None
     assert (m["pos.first"], m["pos.middle"], m["pos.last"]) == (0.75, None, 0.25)
+    assert m["rel.holds"] is None and m["rel.inverse"] is None  # a report from before the direction split
+    direction = {"holds": {"acc": 0.25, "n": 8}, "inverse": {"acc": 0.75, "n": 8}}
+    m = report_metrics({**_report(0.2, 0.6, None, 0.75, 0.25), "relation_direction": direction})
+    assert (m["rel.holds"], m["rel.inverse"]) == (0.25, 0.75)
 
 
 def test_mean_std_is_the_sample_std_and_skips_missing() -> None:

@@ -15,6 +15,7 @@ from lidit.starter.evaluator import (
     blobs_like,
     control_reports,
     detect_objects,
+    format_report,
     noise_like,
     read_image_folder,
     score_folder,
@@ -144,6 +145,7 @@ def test_each_check_catches_its_own_mistake(items) -> None:
     flipped["relation"]["relation"] = INVERSE[spec["relation"]["relation"]]
     s = score_image(image, flipped)
     assert not s.categories["position"] and s.categories["binding"] and not s.overall
+    assert score_image(image, spec).relation == "holds" and s.relation == "inverse"
     swapped = copy.deepcopy(spec)  # colours swapped between the two objects: colours present, binding wrong
     a, b = swapped["objects"]
     a["colour"], b["colour"] = b["colour"], a["colour"]
@@ -193,3 +195,20 @@ def test_folder_round_trip(items, tmp_path) -> None:
     assert score_folder(tmp_path) == aggregate(score_image(*i) for i in chosen)
     with pytest.raises(FileNotFoundError, match="specs.jsonl"):
         score_folder(tmp_path / "nowhere")
+
+
+def test_relation_direction_counts_found_pairs_only(items) -> None:
+    # Real images: every relation scene has both objects found and the relation holds; against the inverse
+    # relation every one is "inverse"; count scenes never enter the share.
+    rel = [i for i in items if i[1]["kind"] == "relation"]
+    report = score_images(rel + [i for i in items if i[1]["kind"] == "count"])
+    assert report.relation_direction["holds"] == {"acc": 1.0, "n": len(rel)}
+    inverted = []
+    for image, spec, prompt in rel:
+        spec = copy.deepcopy(spec)
+        spec["relation"]["relation"] = INVERSE[spec["relation"]["relation"]]
+        inverted.append((image, spec, prompt))
+    report = score_images(inverted)
+    assert report.relation_direction["inverse"]["acc"] == 1.0
+    assert report.relation_direction["holds"]["acc"] == 0.0
+    assert "relation scenes with both objects found" in format_report(report)
