@@ -1,6 +1,6 @@
 """Cache build benchmark: the Ray pipeline vs a bare single-process loop, bytes per sample, driver memory.
 
-    python benchmarks/cache_build.py [--starter DIR] [--limit N] [--out benchmarks/results]
+    python benchmarks/cache_build.py [--starter DIR] [--limit N] [--replicate K] [--out benchmarks/results]
     python benchmarks/cache_build.py --rss 5000       # driver peak RSS of builds of N and 4N rows
 
 Driver memory (`--rss N`): `python -m pipelines.build` (the real entry point, joined to a running Ray) builds
@@ -51,15 +51,17 @@ from pipelines.stages import choose_bucket, decode_image, resize_to_bucket  # no
 NOTES = """
 Notes:
 - End to end includes, on both sides, a fresh interpreter, imports and model loads; the pipeline also pays one
-  worker process per stage (3 actors + decode tasks, each importing torch) on 2 cores: a fixed ~25-35 s that a
-  set of a few thousand 64x64 images cannot amortize (the bare loop's whole run is ~15-25 s when the box is
-  quiet).
-- Steady state: rows/s of the bare loop with models loaded vs the pipeline's rate between its first and last
-  shard. On 2 cores the VAE actor (2 threads) shares them with the encoder actors and decode tasks.
-- The padded-fp32 Parquet is small on this data because the starter set is extremely repetitive (white
+  worker process per stage (3 actors + decode tasks, each importing torch) on 2 cores: a fixed ~25-35 s. Tile
+  the starter rows (`--replicate K`) until that is amortised: 3000 rows cannot (the bare loop's whole run is
+  ~20 s), 12000 rows (`--starter <default starter> --replicate 4`) do.
+- Steady state: rows/s of the bare loop with models loaded vs the pipeline's least-squares rate of rows over
+  shard completions (`pipelines.execute.steady_rate`: start-up excluded, and the units in flight when the first
+  shard lands do not count as made after it). The pipeline can pass the bare loop here: its stages overlap
+  (decode, VAE, the encoders and the Parquet writes run at once), the bare loop runs them one after another.
+- The padded-fp32 Parquet is small on this data because the starter set is extremely repetitive (black
   backgrounds, one shared instruction prefix repeated per row): Parquet's dictionary encoding stores the
   repeated floats once. The raw layout ratio is what training memory / a real-image cache sees.
-- This box was shared with other jobs (load average 3-30 during the runs): timings vary by 2-4x run to run.
+- Timings vary run to run on a shared 2-core box; the load average at the end is in the header.
 """
 
 

@@ -24,12 +24,31 @@ from pipelines.tasks import BuildSpec, ShardResult, UnitTask
 
 @dataclass
 class RunStats:
-    """Timing of a run: seconds to the first shard and the rate between the first and the last."""
+    """Timing of a run: seconds to the first shard and the steady rate after it (`steady_rate`)."""
 
     shards: int = 0
     rows: int = 0
     first_shard_s: float | None = None
     steady_rows_per_s: float | None = None
+
+
+def steady_rate(completions: list[tuple[float, int]]) -> float | None:
+    """Rows/s of the pipeline once it is running, from `(time, rows so far)` at each shard's completion.
+
+    The least-squares slope of rows over time: start-up before the first shard does not count, and neither
+    does the head start of the units in flight when the first shard lands (they finish in a burst). A rate
+    taken from the first to the last shard counts those rows as made after the first one and overstates the
+    rate, by up to the number of units in flight. None with fewer than three completions.
+    """
+    if len(completions) < 3:
+        return None
+    n = len(completions)
+    t_mean = sum(t for t, _ in completions) / n
+    r_mean = sum(r for _, r in completions) / n
+    spread = sum((t - t_mean) ** 2 for t, _ in completions)
+    if spread <= 0:
+        return None
+    return sum((t - t_mean) * (r - r_mean) for t, r in completions) / spread
 
 
 class _Pool:
@@ -96,8 +115,7 @@ def run_units(
     decoding: set[Any] = set()
     writing: dict[Any, tuple[UnitTask, list[tuple[str, int]]]] = {}
     t_run = time.perf_counter()
-    t_first = t_last = 0.0
-    first_rows = 0
+    completions: list[tuple[float, int]] = []
     try:
         while pending or writing:
             while pending and len(decoding) < cfg.decode.size and len(writing) < max_units:
@@ -122,13 +140,11 @@ def run_units(
                 result: ShardResult = ray.get(ref)
                 stats.shards += 1
                 stats.rows += task.rows
-                t_last = time.perf_counter()
+                completions.append((time.perf_counter(), stats.rows))
                 if stats.shards == 1:  # steady state excludes worker start-up and the first unit
-                    t_first, first_rows = t_last, stats.rows
-                    stats.first_shard_s = t_first - t_run
+                    stats.first_shard_s = completions[0][0] - t_run
                 on_shard(task, result, stats)
-        if stats.shards > 1:
-            stats.steady_rows_per_s = (stats.rows - first_rows) / max(t_last - t_first, 1e-9)
+        stats.steady_rows_per_s = steady_rate(completions)
         return stats
     finally:
         _stop([*decoding, *writing], pools)
