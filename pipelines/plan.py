@@ -118,6 +118,7 @@ def plan_build(
                 start=start,
                 stop=stop,
                 files=[(f[0], f[1]) for f in sf.files[start:stop]],
+                seek=sf.tar.seek_point(start) if sf.tar is not None else None,
             )
             ranges.append((sf, rows))
     dups = _duplicates(out, files, [r for _, r in ranges], find_duplicates)

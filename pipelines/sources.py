@@ -64,6 +64,7 @@ class SourceFile:
     rows: int
     # image folders: per row (image path, caption path or None, per-file fingerprint)
     files: list[tuple[str, str | None, str]] = field(default_factory=list)
+    tar: webdataset.TarScan | None = None  # tars: the header scan (row ranges seek with its index)
 
 
 def _detect_format(loc: Location, cfg: SourceConfig) -> str:
@@ -158,7 +159,7 @@ def _discover_tars(loc: Location, cfg: SourceConfig, memo: Location | None) -> l
                 file=sys.stderr,
                 flush=True,
             )
-        out.append(SourceFile(cfg, "webdataset", loc.uri_of(path), path, fingerprint, tar.rows))
+        out.append(SourceFile(cfg, "webdataset", loc.uri_of(path), path, fingerprint, tar.rows, tar=tar))
     return out
 
 
@@ -168,7 +169,9 @@ def _tar_scan(
     key = hash_json([loc.uri_of(path), fingerprint])[:24]
     memo_path = memo.join(C.PLAN_DIR, f"tar-{key}.json") if memo is not None else None
     if memo_path is not None and memo.exists(memo_path):
-        return webdataset.TarScan(**json.loads(memo.read_bytes(memo_path)))
+        known = json.loads(memo.read_bytes(memo_path))
+        if "index" in known:  # memos from before the header index are rescanned once
+            return webdataset.TarScan(**known)
     with loc.fs.open(path, "rb") as f:
         tar = webdataset.scan(f, size)
     if memo_path is not None:
@@ -186,7 +189,7 @@ def read_ids(loc: Location, rows: RowRange) -> list[str | None]:
         return read_parquet_rows(loc, rows.path, rows.source, rows.start, rows.stop, ids_only=True)[0]
     if rows.format == "webdataset":
         with loc.fs.open(rows.path, "rb") as f:
-            return [s.key for s in webdataset.samples_in_range(f, rows.start, rows.stop)]
+            return [s.key for s in webdataset.samples_in_range(f, rows.start, rows.stop, rows.seek)]
     return [_image_id(img) for img, _ in rows.files]
 
 
@@ -201,7 +204,12 @@ def read_unit_rows(loc: Location, task: RowRange) -> UnitRows:
     if task.format == "webdataset":
         with loc.fs.open(task.path, "rb") as f:
             samples = webdataset.read_samples(
-                f, task.start, task.stop, task.source.caption_extension, task.source.caption_column
+                f,
+                task.start,
+                task.stop,
+                task.source.caption_extension,
+                task.source.caption_column,
+                task.seek,
             )
         flaws = {i: s.flaw for i, s in enumerate(samples) if s.flaw is not None}
         return [s.id for s in samples], [s.image for s in samples], [s.caption for s in samples], flaws

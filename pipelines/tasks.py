@@ -50,6 +50,10 @@ class RowRange(StrictModel):
     files: list[tuple[str, str | None]] = Field(
         default_factory=list, description="image folders: (image path, caption path) per row"
     )
+    seek: tuple[int, int] | None = Field(
+        None,
+        description="tars: (sample number, header offset) at or before start, where the header walk begins",
+    )
 
     @property
     def rows(self) -> int:

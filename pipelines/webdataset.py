@@ -3,7 +3,9 @@
 A sample is a run of consecutive members that share a key: `000042.jpg` + `000042.txt` (+ `000042.json`); the
 key is the member path up to the first dot of its file name, and it is the row's id. Archives are read with
 tarfile's header seeks (`r:` mode on a seekable file, local or s3://): counting samples reads 512 bytes per
-member, and a row range reads only its own members' data.
+member, and a row range reads only its own members' data. The count also records where every
+`INDEX_EVERY`-th sample's headers start, so a range late in a large archive starts reading headers near its
+first sample instead of at the top of the file.
 
 A damaged archive loses nothing silently: a member whose data runs past the end of the file (a truncated
 download) makes its sample a `truncated` row; where the headers stop before the file does (a cut or corrupt
@@ -17,7 +19,7 @@ import json
 import posixpath
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 # Image suffixes without the dot (member extensions); `pipelines.sources` derives its folder suffixes from it.
@@ -25,6 +27,9 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 # After the last member's block-padded data two zero blocks close a tar, and writers pad it to a record.
 _END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
+# Samples between two recorded header offsets: a range walks at most this many headers before its first
+# sample; 10k-sample img2dataset shards keep a 157-entry index.
+INDEX_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -34,14 +39,30 @@ class TarScan:
     rows: int
     end: int  # byte offset after the last member read (its data padded to a block)
     size: int  # file size in bytes
+    index: list[int] = field(
+        default_factory=list
+    )  # header offset of samples 0, INDEX_EVERY, 2 * INDEX_EVERY...
 
     @property
     def stopped_early(self) -> bool:
         """Headers ended (truncation or a corrupt header) with more of the file left than tar's padding."""
         return self.size - self.end > _END_OF_ARCHIVE + _RECORD
 
-    def to_json(self) -> dict[str, int]:
-        return {"rows": self.rows, "end": self.end, "size": self.size}
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": self.rows, "end": self.end, "size": self.size, "index": self.index}
+
+    def seek_point(self, start: int) -> tuple[int, int] | None:
+        """(sample number, header offset) of the last indexed sample at or before `start`."""
+        return seek_point(self.index, start)
+
+
+def seek_point(index: list[int], start: int) -> tuple[int, int] | None:
+    """(sample number, header offset) of the last sample of `index` (one per `INDEX_EVERY`) at or before
+    `start`; None without an index."""
+    if not index:
+        return None
+    k = min(start // INDEX_EVERY, len(index) - 1)
+    return k * INDEX_EVERY, index[k]
 
 
 @dataclass
@@ -50,6 +71,7 @@ class Sample:
 
     key: str
     members: dict[str, tarfile.TarInfo]
+    offset: int = 0  # header offset of its first member
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -87,26 +109,31 @@ def iter_samples(f: BinaryIO) -> Iterator[Sample]:
         if current is None or key != current.key:
             if current is not None:
                 yield current
-            current = Sample(key, {})
+            current = Sample(key, {}, info.offset)
         current.members.setdefault(ext, info)
     if current is not None:
         yield current
 
 
-def samples_in_range(f: BinaryIO, start: int, stop: int) -> list[Sample]:
-    """Samples [start, stop) of an archive; reads no header past the last of them."""
-    return list(itertools.islice(iter_samples(f), start, stop))
+def samples_in_range(f: BinaryIO, start: int, stop: int, seek: tuple[int, int] | None = None) -> list[Sample]:
+    """Samples [start, stop) of an archive; reads no header past the last of them. `seek` (sample number,
+    header offset at or before `start`, from `seek_point`) starts the header walk there."""
+    first, offset = seek or (0, 0)
+    f.seek(offset)  # tarfile reads from the file's position, and its member offsets stay absolute
+    return list(itertools.islice(iter_samples(f), start - first, stop - first))
 
 
 def scan(f: BinaryIO, size: int) -> TarScan:
-    """Count an archive's samples from its headers alone."""
-    rows, end = 0, 0
+    """Count an archive's samples from its headers alone, recording every `INDEX_EVERY`-th one's offset."""
+    rows, end, index = 0, 0, []
     for sample in iter_samples(f):
+        if rows % INDEX_EVERY == 0:
+            index.append(sample.offset)
         rows += 1
         end = max(end, *(m.offset_data + m.size for m in sample.members.values()))
     # Member data is padded to a block: the next header starts at the rounded-up offset.
     end = -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    return TarScan(rows=rows, end=min(end, size), size=size)
+    return TarScan(rows=rows, end=min(end, size), size=size, index=index)
 
 
 @dataclass
@@ -126,11 +153,17 @@ def _read(f: BinaryIO, info: tarfile.TarInfo) -> tuple[bytes, bool]:
 
 
 def read_samples(
-    f: BinaryIO, start: int, stop: int, caption_extension: str, caption_key: str
+    f: BinaryIO,
+    start: int,
+    stop: int,
+    caption_extension: str,
+    caption_key: str,
+    seek: tuple[int, int] | None = None,
 ) -> list[SampleRow]:
     """Samples [start, stop) of an archive: the first image member, the caption from the `caption_extension`
-    member (else `caption_key` of the `.json` member), reading only those members' data."""
-    wanted = samples_in_range(f, start, stop)
+    member (else `caption_key` of the `.json` member), reading only those members' data (`seek`: as for
+    `samples_in_range`)."""
+    wanted = samples_in_range(f, start, stop, seek)
     text_ext = caption_extension.lstrip(".").lower()
     rows = []
     for sample in wanted:

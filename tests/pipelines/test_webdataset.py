@@ -48,6 +48,40 @@ def test_samples_counted_from_headers_and_read_by_range(tmp_path: Path) -> None:
     assert webdataset.split_name("dir/0042.seg.PNG") == ("dir/0042", "seg.png")
 
 
+class ReadLog(io.BytesIO):
+    """An in-memory archive that records the lowest byte offset anything was read from."""
+
+    lowest: int | None = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        pos = self.tell()
+        self.lowest = pos if self.lowest is None else min(self.lowest, pos)
+        return super().read(size)
+
+
+def test_a_range_late_in_a_tar_starts_its_header_walk_at_the_index(tmp_path: Path) -> None:
+    samples = [
+        (f"{i:06d}", {"png": bytes([i % 256]) * 100, "txt": f"caption {i}".encode()}) for i in range(200)
+    ]
+    data = write_tar(tmp_path / "big.tar", samples).read_bytes()
+    scan = webdataset.scan(io.BytesIO(data), len(data))
+    every = webdataset.INDEX_EVERY
+    assert scan.rows == 200 and len(scan.index) == -(-200 // every)
+    assert scan.index[2] == member_offset(data, f"{2 * every:06d}.png").offset  # header of sample 128
+    seek = scan.seek_point(150)
+    assert seek == (2 * every, scan.index[2])
+    log = ReadLog(data)
+    rows = webdataset.read_samples(log, 150, 160, ".txt", "caption", seek)
+    assert [(r.id, r.caption) for r in rows] == [(f"{i:06d}", f"caption {i}") for i in range(150, 160)]
+    assert log.lowest == scan.index[2]  # no header before sample 128 was read
+    walked = webdataset.read_samples(io.BytesIO(data), 150, 160, ".txt", "caption")  # no index: from the top
+    assert [(r.id, r.image, r.caption) for r in walked] == [(r.id, r.image, r.caption) for r in rows]
+    assert webdataset.seek_point([], 150) is None and scan.seek_point(10_000) == (
+        (len(scan.index) - 1) * every,
+        scan.index[-1],
+    )
+
+
 def test_a_truncated_tar_quarantines_its_cut_sample_and_keeps_the_rest(tmp_path: Path) -> None:
     path = write_tar(tmp_path / "s.tar", SYNTHETIC)
     cut_at = member_offset(path, "a/000004.png").offset_data + 500
