@@ -3,7 +3,7 @@
     python benchmarks/learning_curve.py                                   # the starter recipe
     python benchmarks/learning_curve.py --recipe long                     # configs/starter/train_long.yaml
     python benchmarks/learning_curve.py --config my.yaml --budgets 500,1000 --set optim.lr=2e-3
-    python benchmarks/learning_curve.py --recipe long --rescore DIR           # score a --save run again
+    python benchmarks/learning_curve.py --recipe long --rescore DIR       # score a --save run again
 
 Trains one run of the recipe (its YAML: steps, batch, model, optim) in a bare single-process loop of the real
 train step (`training.step.train_step`) on the real loader (`training.data.bucketed_batches`) over the
