@@ -21,6 +21,13 @@ class ModelSection(StrictModel):
     objective: ObjectiveName = "flow"
     flow_shift: float = Field(3.0, gt=0, description="flow: noise-level shift for training and sampling")
     timestep_sampling: TimestepSampling = "uniform"
+    contrastive_weight: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="contrastive flow matching (Stoica et al. 2025): also push each text-conditioned prediction "
+        "away from another row's target by this weight (0 = plain MSE; the paper uses 0.05)",
+    )
     encoders: list[str] | None = Field(None, description="subset of the cache's encoders (default: all)")
     fusion: Literal["collaborative", "concat"] = "collaborative"
     refiner_depth: int | None = Field(None, ge=0, description="override the preset; 0 = raw LLM states")

@@ -64,7 +64,9 @@ def train_step(
     generator: torch.Generator,
     device: torch.device | None = None,
 ) -> StepOutput:
-    """One optimizer step on one batch: CFG dropout, noising, LR schedule, forward, MSE, backward, clip, AdamW, EMA.
+    """One optimizer step on one batch: CFG dropout, noising, LR schedule, forward, MSE (minus the contrastive
+    term when `model.contrastive_weight` > 0), backward, clip, AdamW, EMA. The returned loss is the MSE alone,
+    so runs with and without the contrastive term log comparable losses.
 
     `latents` (B, C, H, W) and `texts` (one `TextFeatures` per generator branch, in its order) arrive on the
     CPU from the loader; random draws use the CPU `generator` so they do not depend on the device, and inputs
@@ -81,14 +83,30 @@ def train_step(
     lr = lr_at(step, cfg.steps, cfg.optim)
     for group in optim.param_groups:
         group["lr"] = lr
-    pred = model(targets.noisy.to(device), targets.timesteps.to(device), texts)  # (B, C, H, W)
-    loss = F.mse_loss(pred.float(), targets.target.to(device).float())
-    loss.backward()
+    pred = model(targets.noisy.to(device), targets.timesteps.to(device), texts).float()  # (B, C, H, W)
+    target = targets.target.to(device).float()
+    loss = F.mse_loss(pred, target)
+    objective = loss
+    if cfg.model.contrastive_weight > 0:
+        objective = loss - cfg.model.contrastive_weight * contrastive_term(pred, target, drop.to(device))
+    objective.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
     optim.step()
     optim.zero_grad(set_to_none=True)
     ema.update(model)
     return StepOutput(loss.detach(), grad_norm.detach())
+
+
+def contrastive_term(pred: torch.Tensor, target: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of each text-conditioned prediction to the target of the next row in the batch
+    (a row of other content and other text): contrastive flow matching subtracts it, times its weight, from
+    the MSE, so a prediction that ignores the text (lands between the rows' targets) costs more. Rows whose
+    text was dropped for CFG are left out: their prediction should be the average."""
+    keep = (~dropped).float()  # (B,)
+    if pred.shape[0] < 2 or keep.sum() == 0:
+        return pred.new_zeros(())
+    per_row = (pred - target.roll(1, dims=0)).square().flatten(1).mean(1)  # (B,)
+    return (per_row * keep).sum() / keep.sum()
 
 
 class MetricWindow:

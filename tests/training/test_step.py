@@ -18,7 +18,7 @@ from tests.ports import free_port
 from training.config import TrainConfig
 from training.parallelize import REPLICATE_MAX_PARAMS_CPU, parallelize, resolve_strategy
 from training.state import EMA, full_model_state
-from training.step import MetricWindow, build_optimizer, step_generator, train_step
+from training.step import MetricWindow, build_optimizer, contrastive_term, step_generator, train_step
 
 BRANCHES = [TextBranchSpec(name="a", hidden_size=24), TextBranchSpec(name="b", hidden_size=16)]
 STEPS, RESUME_AT, PER_RANK = 4, 2, 2
@@ -156,3 +156,30 @@ def test_step_returns_tensors_and_window_means_them() -> None:
     assert loss == pytest.approx(sum(seen) / 3) and grad_norm > 0
     assert optim.param_groups[0]["lr"] < cfg.optim.lr  # cosine schedule past warmup
     assert window.reset() > 0 and window.steps == 0
+
+
+def test_contrastive_term_pushes_conditioned_rows_from_other_targets() -> None:
+    target = torch.tensor([[0.0], [1.0], [3.0]]).view(3, 1, 1, 1)
+    pred = target.clone()  # perfect predictions: the distance to the previous row's target is what is left
+    dropped = torch.tensor([False, False, True])
+    # row 0 vs row 2's target (roll by one): 9, row 1 vs row 0's: 1; row 2 (text dropped) left out
+    assert contrastive_term(pred, target, dropped).item() == pytest.approx((9 + 1) / 2)
+    assert contrastive_term(pred, target, torch.ones(3, dtype=torch.bool)).item() == 0.0
+
+    plain = _cfg()
+    contrastive = plain.model_copy(
+        update={"model": plain.model.model_copy(update={"contrastive_weight": 0.05})}, deep=True
+    )
+    grads, losses = [], []
+    for cfg in (plain, contrastive):
+        model = _model()
+        optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
+        latents, texts = _batch(0, 0)
+        optim.step = lambda: None  # keep the gradients for the comparison  # noqa: E731
+        optim.zero_grad = lambda set_to_none=True: None  # noqa: E731
+        losses.append(train_step(model, optim, ema, latents, texts, cfg, 0, step_generator(0, 0, 0)).loss)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0].item() == pytest.approx(losses[1].item())  # the logged loss is the MSE in both
+    assert not torch.allclose(grads[0], grads[1])  # the objective is not
+    with pytest.raises(ValueError):
+        TrainConfig.model_validate({"model": {"contrastive_weight": 1.0}})
