@@ -9,6 +9,7 @@ from lidit.encoder import EncoderConfig, PromptEncoder
 from lidit.generator import GeneratorConfig, LiDiTGenerator, TextFeatures
 from lidit.objectives import ddpm_scheduler
 from lidit.pipeline import LiDiTPipeline, PipelineSpec
+from tests.lidit.tiny_lms import save_tiny_vae
 
 
 class Oracle(torch.nn.Module):
@@ -69,15 +70,7 @@ def test_sampling_loop_agrees_with_diffusers_scheduler(objective: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_pipeline(tiny_lm_paths: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     root = tmp_path_factory.mktemp("pipe")
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-    )
-    vae.save_pretrained(root / "vae")
+    save_tiny_vae(root / "vae")
     encoders = [PromptEncoder(EncoderConfig(name=n, path=str(tiny_lm_paths[n]))) for n in ("llama", "qwen")]
     gen = LiDiTGenerator(GeneratorConfig.from_preset("tiny", [e.branch_spec() for e in encoders]))
     for name, p in gen.named_parameters():  # make the output depend on text, as training would

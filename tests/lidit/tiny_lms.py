@@ -1,10 +1,13 @@
-"""Tiny real LMs for foundation tests: a BPE tokenizer trained here and random Llama / Qwen2 models, saved with
-`save_pretrained` and loaded back through `from_pretrained` like real checkpoints (nothing from a hub)."""
+"""Tiny real models for foundation tests: a BPE tokenizer trained here, random Llama / Qwen2 models and a random
+VAE, saved with `save_pretrained` and loaded back through `from_pretrained` like real checkpoints (nothing from
+a hub)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -58,3 +61,18 @@ def build_tiny_lms(root: Path) -> dict[str, Path]:
         tok.save_pretrained(path)
         paths[name] = path
     return paths
+
+
+def save_tiny_vae(out: Path, seed: int = 0) -> Path:
+    """A random diffusers VAE (64x64 -> 4x32x32), saved to `out`."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+    vae.save_pretrained(out)
+    return out

@@ -14,22 +14,13 @@ from diffusers import AutoencoderKL
 from lidit.encoder import EncoderConfig, PromptEncoder
 from lidit.generator import GeneratorConfig, LiDiTGenerator
 from lidit.pipeline import LiDiTPipeline, PipelineSpec
-from tests.lidit.tiny_lms import build_tiny_lms
+from tests.lidit.tiny_lms import build_tiny_lms, save_tiny_vae
 
 
 def build_shared_assets(root: Path) -> tuple[list[PromptEncoder], Path]:
     """Two tiny LMs (llama + qwen) and a tiny random VAE (64x64 -> 4x32x32), saved under `root`."""
     paths = build_tiny_lms(root / "lms")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-    )
-    vae.save_pretrained(root / "vae")
+    save_tiny_vae(root / "vae")
     encoders = [PromptEncoder(EncoderConfig(name=n, path=str(paths[n]))) for n in ("llama", "qwen")]
     return encoders, root / "vae"
 
