@@ -51,6 +51,11 @@ class OptimSection(StrictModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    implementation: Literal["auto", "foreach", "fused"] = Field(
+        "auto",
+        description="AdamW kernels: fused = one kernel over all parameters per step; foreach = multi-tensor "
+        "ops; auto = fused on CUDA, foreach on CPU (training.step.build_optimizer)",
+    )
 
 
 class ScaleSection(StrictModel):
@@ -62,6 +67,11 @@ class ScaleSection(StrictModel):
     )
     activation_checkpointing: bool = False
     compile: bool = False
+    reshard_after_forward: bool = Field(
+        True,
+        description="FSDP2: free each block's gathered weights after its forward and gather them again for "
+        "backward (less memory); false keeps them until backward (one all-gather per block and step, not two)",
+    )
     strategy: Literal["auto", "fsdp", "replicate"] = Field(
         "auto",
         description="data parallelism: fsdp = FSDP2 sharding; replicate = DDP-style full replicas with one "

@@ -90,6 +90,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         bf16,
         cfg.scale.activation_checkpointing,
         cfg.scale.compile,
+        cfg.scale.reshard_after_forward,
     )
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)

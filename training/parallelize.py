@@ -76,6 +76,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile_blocks: bool = False,
     strategy: Strategy = "fsdp",
+    reshard_after_forward: bool = True,
 ) -> LiDiTGenerator:
     """Wrap `model` in place for data parallelism over `mesh` (a resolved `strategy`); returns it for chaining.
 
@@ -93,8 +94,8 @@ def parallelize(
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
         kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
         for container, i in repeated_blocks(model):
-            fully_shard(container[i], **kwargs)
-        fully_shard(model, **kwargs)
+            fully_shard(container[i], reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(model, **kwargs)  # FSDP2 never reshards the root after forward (backward needs it next)
     elif strategy == "replicate":
         if bf16:
             raise ValueError("bf16 mixed precision needs strategy fsdp")
@@ -113,6 +114,7 @@ def build_parallel(
     bf16: bool = False,
     activation_checkpointing: bool = False,
     compile_blocks: bool = False,
+    reshard_after_forward: bool = True,
 ) -> LiDiTGenerator:
     """Meta build -> `parallelize` -> `to_empty(device)` -> `init_weights`: the full model never exists on a rank.
 
@@ -122,7 +124,9 @@ def build_parallel(
     """
     model = build_on_meta(config)
     if strategy == "fsdp":
-        parallelize(model, mesh, bf16, activation_checkpointing, compile_blocks, strategy)
+        parallelize(
+            model, mesh, bf16, activation_checkpointing, compile_blocks, strategy, reshard_after_forward
+        )
         model.to_empty(device=device)
         return init_weights(model, config, seed)
     model.to_empty(device=device)

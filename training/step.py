@@ -38,18 +38,23 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the (possibly sharded) parameters.
+    """AdamW over the (possibly sharded) parameters, with the kernels `optim.implementation` names.
 
-    `foreach=True` is pinned because torch only defaults to the multi-tensor kernels for CUDA tensors; on CPU
-    its default is a loop over ~200 parameters and a dozen ops each, every one through DTensor dispatch under
-    FSDP2 (benchmarks/results/train_strategies.md, `+loop_adam`).
+    `auto`: fused on CUDA (one kernel reads and writes each parameter, gradient and moment once per step;
+    benchmarks/results/gpu_fsdp.md has it against foreach), foreach on CPU, pinned because torch only defaults
+    to the multi-tensor kernels for CUDA tensors: on CPU its default is a loop over ~200 parameters and a dozen
+    ops each, every one through DTensor dispatch under FSDP2 (benchmarks/results/train_strategies.md,
+    `+loop_adam`).
     """
+    kind = cfg.optim.implementation
+    if kind == "auto":
+        kind = "fused" if next(model.parameters()).is_cuda else "foreach"
     return torch.optim.AdamW(
         model.parameters(),
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
         weight_decay=cfg.optim.weight_decay,
-        foreach=True,
+        **{kind: True},
     )
 
 

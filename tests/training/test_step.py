@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec, TextFeatures
 from tests.ports import free_port
@@ -57,10 +58,24 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, list[TextFeatures]]:
     return latents, texts
 
 
+def _parallel_model(strategy: str) -> LiDiTGenerator:
+    """`fsdp_keep`: FSDP2 with `reshard_after_forward=False` (gathered weights kept from forward to backward)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    keep = strategy == "fsdp_keep"
+    return parallelize(_model(), mesh, strategy="fsdp" if keep else strategy, reshard_after_forward=not keep)
+
+
+def _sharded_after_forward(strategy: str) -> bool:
+    """Whether a DiT block's parameters are back to sharded DTensors after a forward (before backward)."""
+    model = _parallel_model(strategy)
+    latents, texts = _batch(dist.get_rank(), 0)
+    model(latents, torch.full((PER_RANK,), 500.0), texts)
+    return isinstance(next(model.backbone.blocks[0].parameters()), DTensor)
+
+
 def _train(rank: int, strategy: str, steps: range, ckpt: Path | None, load: bool) -> dict:
     cfg = _cfg()
-    model = _model()
-    parallelize(model, init_device_mesh("cpu", (dist.get_world_size(),)), strategy=strategy)
+    model = _parallel_model(strategy)
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     if load:
@@ -84,8 +99,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    results = {}
-    for strategy in ("fsdp", "replicate"):
+    results = {"sharded_after_forward": {s: _sharded_after_forward(s) for s in ("fsdp", "fsdp_keep")}}
+    for strategy in ("fsdp", "replicate", "fsdp_keep"):
         straight = _train(rank, strategy, range(STEPS), None, load=False)
         ckpt = Path(out) / f"ckpt-{strategy}"
         _train(rank, strategy, range(RESUME_AT), ckpt, load=False)
@@ -120,7 +135,34 @@ def test_fsdp_and_replicas_train_the_same_weights(two_rank_results: dict) -> Non
     )
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "replicate"])
+def test_fsdp_keeping_gathered_weights_trains_the_same(two_rank_results: dict) -> None:
+    # scale.reshard_after_forward: false skips the second all-gather per block and step, nothing else
+    assert two_rank_results["sharded_after_forward"] == {"fsdp": True, "fsdp_keep": False}
+    fsdp, keep = two_rank_results["fsdp"]["straight"], two_rank_results["fsdp_keep"]["straight"]
+    assert keep["losses"] == pytest.approx(fsdp["losses"], rel=1e-5)
+    _assert_same(keep["model"], fsdp["model"])
+
+
+def test_optimizer_kernels_follow_the_config() -> None:
+    runs = {}
+    for kind in ("auto", "foreach", "fused"):
+        cfg = _cfg()
+        cfg.optim.implementation = kind
+        model = _model()
+        optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
+        runs[kind] = (optim.defaults["foreach"], optim.defaults["fused"])
+        for step in range(2):
+            latents, texts = _batch(0, step)
+            train_step(model, optim, ema, latents, texts, cfg, step, step_generator(0, 0, step))
+        runs[kind] += (full_model_state(model),)
+    assert runs["auto"][:2] == (True, None)  # CPU parameters: foreach (fused is the CUDA default)
+    assert runs["foreach"][:2] == (True, None) and runs["fused"][:2] == (None, True)
+    _assert_same(runs["fused"][2], runs["foreach"][2])  # same update rule, other kernels
+    with pytest.raises(ValueError):
+        TrainConfig.model_validate({"optim": {"implementation": "apex"}})
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "replicate", "fsdp_keep"])
 def test_dcp_resume_matches_straight_run(two_rank_results: dict, strategy: str) -> None:
     run = two_rank_results[strategy]
     assert run["resumed"]["losses"] == pytest.approx(run["straight"]["losses"][RESUME_AT:], rel=1e-5)
