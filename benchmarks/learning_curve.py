@@ -44,6 +44,7 @@ from lidit.starter import heldout_prompts, iter_split
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
 from training.loop import build_generator_config, select_branches
+from training.parallelize import parallelize
 from training.state import EMA
 from training.step import build_optimizer, step_generator, train_step
 
@@ -139,6 +140,14 @@ def run_curve(
     gen_config = build_generator_config(cfg, reader)
     torch.manual_seed(cfg.seed)
     model = LiDiTGenerator(gen_config).to(device)
+    # The loop's wrapping of one worker (scale.compile / activation_checkpointing on each block, no replicas).
+    parallelize(
+        model,
+        None,
+        activation_checkpointing=cfg.scale.activation_checkpointing,
+        compile_blocks=cfg.scale.compile,
+        strategy="single",
+    )
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     batches = bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed)

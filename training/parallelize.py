@@ -71,7 +71,7 @@ def repeated_blocks(model: LiDiTGenerator) -> list[tuple[nn.ModuleList, int]]:
 
 def parallelize(
     model: LiDiTGenerator,
-    mesh: DeviceMesh,
+    mesh: DeviceMesh | None,
     bf16: bool = False,
     activation_checkpointing: bool = False,
     compile_blocks: bool = False,
@@ -81,7 +81,7 @@ def parallelize(
     """Wrap `model` in place for data parallelism over `mesh` (a resolved `strategy`); returns it for chaining.
 
     Every rank must hold the same initial weights (same seed): replication broadcasts rank 0's anyway, FSDP2
-    keeps each rank's own shard of its own copy.
+    keeps each rank's own shard of its own copy. `single` (one worker, no wrapper) needs no `mesh`.
     """
     for container, i in repeated_blocks(model):
         block = container[i]
