@@ -53,7 +53,11 @@ Notes:
 - End to end includes, on both sides, a fresh interpreter, imports and model loads; the pipeline also pays one
   worker process per stage (3 actors + decode tasks, each importing torch) on 2 cores: a fixed ~25-35 s. Tile
   the starter rows (`--replicate K`) until that is amortised: 3000 rows cannot (the bare loop's whole run is
-  ~20 s), 12000 rows (`--starter <default starter> --replicate 4`) do.
+  ~5-20 s), 96000 rows (`--starter <default starter> --replicate 32`, ~2.5 min a side) do; on a quiet box
+  24000 / 48000 / 96000 rows measured 0.71x / 0.72x / 1.02x end to end.
+- Stage threads: one torch thread per actor (`vae_stage.threads: 1`). With the VAE actor at 2 threads beside
+  the two encoder actors and the decode tasks, the 2 cores were oversubscribed and the pipeline's steady rate
+  fell to 540-562 rows/s (0.72x-0.93x the bare loop); at 1 thread it was 703-832 rows/s (0.98x-1.27x).
 - Steady state: rows/s of the bare loop with models loaded vs the pipeline's least-squares rate of rows over
   shard completions (`pipelines.execute.steady_rate`: start-up excluded, and the units in flight when the first
   shard lands do not count as made after it). The pipeline can pass the bare loop here: its stages overlap
