@@ -43,7 +43,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec, TextFeatures  # noqa: E402
+from lidit.generator import (  # noqa: E402
+    GeneratorConfig,
+    LiDiTGenerator,
+    TextBranchSpec,
+    TextFeatures,
+    count_parameters,
+)
 from training.config import TrainConfig  # noqa: E402
 from training.parallelize import build_parallel, init_weights, parallelize  # noqa: E402
 from training.state import EMA  # noqa: E402
@@ -137,13 +143,12 @@ def bench_run(run: dict, cfg: argparse.Namespace, mesh, device: torch.device, ra
         seed=0,
         strategy="fsdp",
         bf16=True,
-        activation_checkpointing=run["ac"],
-        compile_blocks=run["compile"],
-        reshard_after_forward=run["reshard_after_forward"],
+        activation_checkpointing=tcfg.scale.activation_checkpointing,
+        compile_blocks=tcfg.scale.compile,
+        reshard_after_forward=tcfg.scale.reshard_after_forward,
     )
     build_s = time.perf_counter() - built
     init_peak = torch.cuda.max_memory_allocated(device)
-    params = sum(p.numel() for p in model.parameters())
     optim = build_optimizer(model, tcfg)
     ema = EMA(model, tcfg.optim.ema_decay)
     lat, texts = latents(cfg, batch), text_features(cfg, batch, device)
@@ -171,7 +176,7 @@ def bench_run(run: dict, cfg: argparse.Namespace, mesh, device: torch.device, ra
     row = {
         "run": run["spec"],
         "preset": run["preset"],
-        "params_M": round(params * world / 1e6, 1),
+        "params_M": round(count_parameters(gen_cfg) / 1e6, 1),
         "batch_per_gpu": batch,
         "gpus": world,
         "compile": run["compile"],

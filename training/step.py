@@ -40,8 +40,9 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the (possibly sharded) parameters, with the kernels `optim.implementation` names.
 
-    `auto`: fused on CUDA (one kernel reads and writes each parameter, gradient and moment once per step;
-    benchmarks/results/gpu_fsdp.md has it against foreach), foreach on CPU, pinned because torch only defaults
+    `auto`: fused on CUDA (one kernel reads and writes each parameter, gradient and moment once per step; the
+    same weights as foreach, tests/training/test_step.py; `benchmarks/gpu_fsdp.py` times the two side by side,
+    not yet run on a GPU), foreach on CPU, pinned because torch only defaults
     to the multi-tensor kernels for CUDA tensors: on CPU its default is a loop over ~200 parameters and a dozen
     ops each, every one through DTensor dispatch under FSDP2 (benchmarks/results/train_strategies.md,
     `+loop_adam`).
