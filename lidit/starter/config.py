@@ -27,8 +27,8 @@ class DataConfig(StrictModel):
 
     image_size: int = Field(64, ge=32, le=512, description="square image side in pixels")
     # 24000, not 3000: the `long` recipe (20000 steps x 32) saw each of 3000 images ~213 times and learnt them
-    # (training-prompt overall 0.63, held-out 0.32). On 24000 (recipe `long-24k` of learning_curve.md) held-out
-    # shape 0.59 -> 0.90, binding 0.51 -> 0.89, overall 0.32 -> 0.39 at the same 20000 steps.
+    # (training-prompt overall 0.63, held-out 0.32). On 24000 images (learning_curve.md, `long` vs `long-3k`)
+    # held-out shape 0.59 -> 0.90, binding 0.51 -> 0.89, overall 0.32 -> 0.39 at the same 20000 steps.
     n_train: int = Field(24000, ge=1)
     n_heldout: int = Field(500, ge=1)
     heldout_fraction: float = Field(
