@@ -53,7 +53,8 @@ Notes:
 - End to end includes, on both sides, a fresh interpreter, imports and model loads; the pipeline also pays one
   worker process per stage (3 actors + decode tasks, each importing torch) on 2 cores: a fixed ~25-35 s. Tile
   the starter rows (`--replicate K`) until that is amortised: 3000 rows cannot (the bare loop's whole run is
-  ~5-20 s), 96000 rows (`--starter <default starter> --replicate 32`, ~2.5 min a side) do; on a quiet box
+  ~5-20 s), 96000 rows do (`--replicate 4` of today's 24000-row starter, `--replicate 32` of the 3000-row one
+  these rows were measured on; ~2.5 min a side); on a quiet box
   24000 / 48000 / 96000 rows measured 0.71x / 0.72x / 1.02x end to end.
 - Stage threads: one torch thread per actor (`vae_stage.threads: 1`). With the VAE actor at 2 threads beside
   the two encoder actors and the decode tasks, the 2 cores were oversubscribed and the pipeline's steady rate
