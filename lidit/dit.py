@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lidit.layers import MLP, AdaLN, Attention, modulate
+from lidit.layers import MLP, AdaLN, Attention, modulate, sincos_1d
 
 
 def sincos_2d(dim: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -22,16 +22,12 @@ def sincos_2d(dim: int, h: int, w: int, device: torch.device, dtype: torch.dtype
     """
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
     ys, xs = torch.meshgrid(
         torch.arange(h, device=device, dtype=torch.float32),
         torch.arange(w, device=device, dtype=torch.float32),
         indexing="ij",
     )
-    parts = []
-    for pos in (ys.flatten(), xs.flatten()):
-        angles = pos[:, None] * freqs[None, :]  # (N, dim/4)
-        parts += [angles.sin(), angles.cos()]
+    parts = [sincos_1d(pos.flatten(), dim // 2) for pos in (ys, xs)]  # (N, dim/2) each
     return torch.cat(parts, dim=1).to(dtype)  # (N, dim)
 
 

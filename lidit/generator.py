@@ -44,6 +44,9 @@ class GeneratorConfig(StrictModel):
     heads: int = Field(4, ge=1)
     refiner_depth: int = Field(2, ge=0, description="0 = raw LLM states (projection only)")
     refiner_causal: bool = Field(False, description="causal-mask refiner ablation")
+    refiner_position: bool = Field(
+        False, description="sin-cos token-index embedding in the refiners' attention (not in the paper)"
+    )
     fusion: Literal["collaborative", "concat"] = "collaborative"
     mlp_ratio: float = Field(4.0, gt=0)
     patch_size: int = Field(2, ge=1)
@@ -120,7 +123,13 @@ class LiDiTGenerator(nn.Module):
         self.time_embed = TimestepEmbedding(config.timestep_channels, d)
         self.refiners = nn.ModuleList(
             LinguisticTokenRefiner(
-                e.hidden_size, d, config.refiner_depth, config.heads, config.mlp_ratio, config.refiner_causal
+                e.hidden_size,
+                d,
+                config.refiner_depth,
+                config.heads,
+                config.mlp_ratio,
+                config.refiner_causal,
+                config.refiner_position,
             )
             for e in config.encoders
         )

@@ -13,6 +13,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed sin-cos embedding of positions (N,) -> (N, dim): sin then cos at dim/2 geometric frequencies."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even width, got {dim}")
+    half = dim // 2
+    freqs = 1.0 / 10000 ** (torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # (N, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over valid tokens: x (B, T, D), mask (B, T) bool -> (B, D); rows with no valid token give 0."""
     weights = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)

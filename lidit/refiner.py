@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lidit.layers import MLP, AdaLN, Attention, masked_mean, modulate
+from lidit.layers import MLP, AdaLN, Attention, masked_mean, modulate, sincos_1d
 
 
 class TokenRefinerBlock(nn.Module):
@@ -27,12 +27,20 @@ class TokenRefinerBlock(nn.Module):
         self.gates = AdaLN(dim, dim, chunks=2)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor, keep_from: int = 0
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        c: torch.Tensor,
+        keep_from: int = 0,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T - keep_from, D): only tokens from `keep_from` on are computed (as queries;
-        every token stays a key), for a last block whose earlier outputs nobody reads."""
+        every token stays a key), for a last block whose earlier outputs nobody reads. `position` (T, D) is
+        added to the attention input only, so the residual stream (and the identity at init) is unchanged."""
         gate_attn, gate_mlp = self.gates(c)  # (B, D) each
         h = self.norm1(x)
+        if position is not None:
+            h = h + position.to(h.dtype)
         q = h[:, keep_from:]
         if self.causal:  # queries from keep_from on see keys up to their own position
             attn = self.attn(h, key_mask=mask, causal=True)[:, keep_from:]
@@ -46,7 +54,9 @@ class TokenRefinerBlock(nn.Module):
 class LinguisticTokenRefiner(nn.Module):
     """Project one LLM's states to the model width and refine them bidirectionally.
 
-    `depth=0` gives the "raw LLM states" ablation: projection only.
+    `depth=0` gives the "raw LLM states" ablation: projection only. `position=True` adds a sin-cos embedding
+    of the token index to every block's attention input: the paper's refiner has none (word order reaches it
+    only through the causal LLM states), and relations such as "A left of B" depend on that order.
     """
 
     def __init__(
@@ -57,8 +67,10 @@ class LinguisticTokenRefiner(nn.Module):
         heads: int = 4,
         mlp_ratio: float = 4.0,
         causal: bool = False,
+        position: bool = False,
     ) -> None:
         super().__init__()
+        self.position = position
         self.proj = nn.Linear(llm_dim, dim)
         self.pool_mlp = nn.Sequential(nn.Linear(llm_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(TokenRefinerBlock(dim, heads, mlp_ratio, causal) for _ in range(depth))
@@ -83,8 +95,11 @@ class LinguisticTokenRefiner(nn.Module):
         """
         c = self.condition(states, mask, t_emb) if c is None else c  # (B, D)
         x = self.proj(states)  # (B, T, D)
+        pos = None
+        if self.position:
+            pos = sincos_1d(torch.arange(x.shape[1], device=x.device), x.shape[2])  # (T, D)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, c, keep_from if i == len(self.blocks) - 1 else 0)
+            x = block(x, mask, c, keep_from if i == len(self.blocks) - 1 else 0, pos)
         return x if self.blocks else x[:, keep_from:]
 
 

@@ -81,8 +81,10 @@ def test_empty_prompt_without_prefix_is_finite() -> None:
     assert torch.isfinite(out).all()
 
 
-def test_save_load_round_trip_is_exact(tmp_path) -> None:
-    model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, fusion="concat")))
+@pytest.mark.parametrize("overrides", [{"fusion": "concat"}, {"refiner_position": True}])
+def test_save_load_round_trip_is_exact(tmp_path, overrides: dict) -> None:
+    model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, **overrides)))
+    assert all(r.position == overrides.get("refiner_position", False) for r in model.refiners)
     model.save_pretrained(tmp_path / "gen")
     loaded = LiDiTGenerator.from_pretrained(tmp_path / "gen")
     assert loaded.config == model.config

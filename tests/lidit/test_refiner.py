@@ -94,3 +94,24 @@ def test_keep_from_computes_only_the_kept_tokens_with_the_same_values() -> None:
     full, kept = collab([a, b], masks, c), collab([a, b], masks, c, keep_from=[2, 3])
     torch.testing.assert_close(kept[0], full[0][:, 2:])
     torch.testing.assert_close(kept[1], full[1][:, 3:])
+
+
+def test_position_switch_makes_the_refiner_see_word_order() -> None:
+    """Without positions the bidirectional refiner is permutation-equivariant: reordering the tokens only
+    reorders its output, so "A left of B" and "B left of A" differ only through the LLM states. With
+    `position=True` the order itself changes the refined tokens, and it stays the identity at init."""
+    states, mask, t_emb = _inputs(b=1)
+    perm = torch.tensor([3, 0, 6, 1, 5, 2, 4])
+    plain = LinguisticTokenRefiner(llm_dim=24, dim=32, depth=2, heads=4)
+    _randomize_gates(plain)
+    torch.testing.assert_close(plain(states[:, perm], mask, t_emb), plain(states, mask, t_emb)[:, perm])
+
+    positioned = LinguisticTokenRefiner(llm_dim=24, dim=32, depth=2, heads=4, position=True)
+    torch.testing.assert_close(positioned(states, mask, t_emb), positioned.proj(states))  # identity at init
+    _randomize_gates(positioned)
+    reordered = positioned(states[:, perm], mask, t_emb)
+    assert (reordered - positioned(states, mask, t_emb)[:, perm]).abs().max() > 1e-3
+    # keep_from still computes exactly the kept tokens' values with positions on
+    torch.testing.assert_close(
+        positioned(states, mask, t_emb, keep_from=3), positioned(states, mask, t_emb)[:, 3:]
+    )
