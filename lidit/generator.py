@@ -128,8 +128,8 @@ class LiDiTGenerator(nn.Module):
                 config.refiner_depth,
                 config.heads,
                 config.mlp_ratio,
-                config.refiner_causal,
-                config.refiner_position,
+                causal=config.refiner_causal,
+                position=config.refiner_position,
             )
             for e in config.encoders
         )
