@@ -35,18 +35,19 @@ import torch.nn.functional as F
 
 from lidit.cache.reader import CacheReader, batch_to_training_inputs
 from lidit.config import lidit_home, load_config
-from lidit.encoder import EncoderConfig, PromptEncoder
+from lidit.encoder import EncoderConfig, PromptEncoder, features_from_parts
 from lidit.experiment import EvalSection, evaluate_pipeline, report_metrics
 from lidit.generator import LiDiTGenerator, TextFeatures
 from lidit.objectives import training_targets
 from lidit.pipeline import LiDiTPipeline
-from lidit.starter import heldout_prompts, iter_split
+from lidit.starter import heldout_prompts, iter_split, read_summary
+from lidit.starter.captions import relation_negative
 from training.config import TrainConfig
-from training.data import bucketed_batches, head_rows
+from training.data import head_rows, rank_batch_tables
 from training.loop import build_generator_config, select_branches
 from training.parallelize import parallelize
 from training.state import EMA
-from training.step import build_optimizer, step_generator, train_step
+from training.step import HardNegatives, build_optimizer, step_generator, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -115,6 +116,46 @@ def sampling_parts(reader: CacheReader, names: list[str], device: str) -> tuple[
     return vae, [PromptEncoder(EncoderConfig.model_validate(reader.encoder_config(n)), device) for n in names]
 
 
+def relation_negatives(
+    reader: CacheReader, starter: Path, names: list[str], encoders: list[PromptEncoder]
+) -> dict[str, list[torch.Tensor]]:
+    """Row id -> per-branch prompt states of its hard negative caption (`relation_negative`: the relation said
+    the other way round; none where that would name a held-out key), rounded through the cache's dtype so they
+    match what the cache stores for true captions. Computed here, not read from the cache: the cache does not
+    carry negative captions yet."""
+    summary = read_summary(starter) or {}
+    held = {tuple(k) for k in summary["stages"]["data"]["metrics"]["heldout_combos"]}
+    pairs = [
+        (row["id"], relation_negative(row["caption"], row["spec"], held))
+        for row in iter_split(starter, "train", decode=False)
+    ]
+    pairs = [(i, c) for i, c in pairs if c]
+    dtypes = {e.name: getattr(torch, e.dtype) for e in reader.manifest.encoders}
+    out: dict[str, list[torch.Tensor]] = {i: [] for i, _ in pairs}
+    for name, encoder in zip(names, encoders, strict=True):
+        for start in range(0, len(pairs), 256):
+            chunk = pairs[start : start + 256]
+            states = encoder.encode_prompts([c for _, c in chunk]).unpadded()
+            for (i, _), x in zip(chunk, states, strict=True):
+                out[i].append(x.cpu().to(dtypes[name]).float())
+    print(f"[curve] {len(out)} training rows have a relation hard negative", flush=True)
+    return out
+
+
+def batch_negatives(
+    ids: list[str], negatives: dict[str, list[torch.Tensor]], reader: CacheReader, names: list[str]
+) -> HardNegatives | None:
+    """The `HardNegatives` of one batch (None when no row has one)."""
+    rows = [j for j, i in enumerate(ids) if i in negatives]
+    if not rows:
+        return None
+    texts = [
+        features_from_parts(reader.prefix_states(name).float(), [negatives[ids[j]][b] for j in rows])
+        for b, name in enumerate(names)
+    ]
+    return HardNegatives(torch.tensor(rows), texts)
+
+
 def category_scores(report: Any) -> dict[str, float | None]:
     """Overall and per-category accuracy of an `EvalReport`, keyed by `CATEGORIES`, plus `rel_holds` /
     `rel_inverse`: of the relation scenes with both objects found, the share placed right / the other way round."""
@@ -150,12 +191,15 @@ def run_curve(
     )
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
-    batches = bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed)
+    batches = rank_batch_tables(reader, cfg.batch_size, 0, 1, cfg.seed)  # bucketed_batches' tables (ids too)
     fixed = head_rows(reader, 64)
     fixed_latents, fixed_texts, _ = batch_to_training_inputs(fixed, reader)
     fixed_texts = select_branches(fixed_texts, reader, names)
 
     vae, encoders = sampling_parts(reader, names, device)
+    negatives = (
+        relation_negatives(reader, starter, names, encoders) if cfg.model.hard_negative_weight > 0 else {}
+    )
     heldout = heldout_prompts(starter, eval_cfg.prompts)
     seen = train_prompts(starter, eval_cfg.prompts)
     size = reader.manifest.image.resolution
@@ -164,11 +208,11 @@ def run_curve(
     for budget in sorted(budgets):
         t0 = time.perf_counter()
         for step in range(done, budget):
-            _, _, latents, texts = next(batches)
+            latents, texts, ids = batch_to_training_inputs(next(batches)[2], reader)
             texts = select_branches(texts, reader, names)
-            train_step(
-                model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, 0, step), device
-            )
+            hard = batch_negatives(ids, negatives, reader, names) if negatives else None
+            draws = step_generator(cfg.seed, 0, step)
+            train_step(model, optim, ema, latents, texts, cfg, step, draws, device, hard)
             if (step + 1) % PROGRESS_EVERY == 0:
                 elapsed = time.perf_counter() - t0
                 eta = elapsed / (step + 1 - done) * (budget - step - 1)

@@ -28,6 +28,25 @@ class ModelSection(StrictModel):
         description="contrastive flow matching (Stoica et al. 2025): also push each text-conditioned prediction "
         "away from another row's target by this weight (0 = plain MSE; the paper uses 0.05)",
     )
+    hard_negative_weight: float = Field(
+        0.0,
+        ge=0,
+        description="relation hard negatives: also train each relation row's prediction under its caption with the "
+        "relation said the other way round to miss the image by `hard_negative_margin` more than under the true "
+        "caption (0 = off; needs negative captions, so Ray-free learning-curve runs only for now)",
+    )
+    hard_negative_margin: float = Field(
+        0.1,
+        ge=0,
+        description="relative margin: negative-caption MSE must exceed (1 + margin) x true-caption MSE",
+    )
+    hard_negative_min_sigma: float = Field(
+        0.7,
+        ge=0,
+        le=1,
+        description="noise level from which the hard-negative term applies: below it the noisy input shows the "
+        "layout, so the best prediction under either caption is nearly the same",
+    )
     encoders: list[str] | None = Field(None, description="subset of the cache's encoders (default: all)")
     fusion: Literal["collaborative", "concat"] = "collaborative"
     refiner_depth: int | None = Field(None, ge=0, description="override the preset; 0 = raw LLM states")

@@ -19,9 +19,17 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lidit.generator import TextFeatures
-from lidit.objectives import cfg_drop_mask, training_targets
+from lidit.objectives import NUM_TRAIN_TIMESTEPS, cfg_drop_mask, training_targets
 from training.config import TrainConfig
 from training.state import EMA, lr_at
+
+
+class HardNegatives(NamedTuple):
+    """Negative captions for some rows of a batch: `rows` (K,) indices into the batch, and `texts` one
+    `TextFeatures` (K rows, in the order of `rows`) per generator branch, like the batch's own texts."""
+
+    rows: torch.Tensor
+    texts: list[TextFeatures]
 
 
 class StepOutput(NamedTuple):
@@ -69,6 +77,7 @@ def train_step(
     step: int,
     generator: torch.Generator,
     device: torch.device | None = None,
+    negatives: HardNegatives | None = None,
 ) -> StepOutput:
     """One optimizer step on one batch: CFG dropout, noising, LR schedule, forward, MSE (minus the contrastive
     term when `model.contrastive_weight` > 0), backward, clip, AdamW, EMA. The returned loss is the MSE alone,
@@ -89,12 +98,32 @@ def train_step(
     lr = lr_at(step, cfg.steps, cfg.optim)
     for group in optim.param_groups:
         group["lr"] = lr
-    pred = model(targets.noisy.to(device), targets.timesteps.to(device), texts).float()  # (B, C, H, W)
+    noisy, timesteps = targets.noisy, targets.timesteps
+    neg_rows = None
+    if negatives is not None and cfg.model.hard_negative_weight > 0:
+        level = timesteps[negatives.rows] / NUM_TRAIN_TIMESTEPS
+        keep = ~drop[negatives.rows] & (level >= cfg.model.hard_negative_min_sigma)
+        if keep.any():
+            # One forward over the batch and its negative rows: the tiny model is bound by per-op overhead.
+            neg_rows = negatives.rows[keep]
+            noisy = torch.cat([noisy, noisy[neg_rows]])
+            timesteps = torch.cat([timesteps, timesteps[neg_rows]])
+            texts = [
+                TextFeatures.cat([t, TextFeatures(n.states[keep], n.mask[keep], n.prefix_len).to(device)])
+                for t, n in zip(texts, negatives.texts, strict=True)
+            ]
+    pred = model(noisy.to(device), timesteps.to(device), texts).float()  # (B [+ K], C, H, W)
+    batch = latents.shape[0]
+    pred, pred_neg = pred[:batch], pred[batch:]
     target = targets.target.to(device).float()
     loss = F.mse_loss(pred, target)
     objective = loss
     if cfg.model.contrastive_weight > 0:
         objective = loss - cfg.model.contrastive_weight * contrastive_term(pred, target, drop.to(device))
+    if neg_rows is not None:
+        rows = neg_rows.to(device)
+        term = hard_negative_term(pred[rows], pred_neg, target[rows], cfg.model.hard_negative_margin)
+        objective = objective + cfg.model.hard_negative_weight * term
     objective.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
     optim.step()
@@ -113,6 +142,18 @@ def contrastive_term(pred: torch.Tensor, target: torch.Tensor, dropped: torch.Te
         return pred.new_zeros(())
     per_row = (pred - target.roll(1, dims=0)).square().flatten(1).mean(1)  # (B,)
     return (per_row * keep).sum() / keep.sum()
+
+
+def hard_negative_term(
+    pred: torch.Tensor, pred_negative: torch.Tensor, target: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """Hinge on the per-row MSE under the true caption (`pred`) and under its negative (`pred_negative`), same
+    noisy input and target: zero once the negative misses by `margin` (relative) more, so it stops pushing
+    when the model tells the captions apart. Same-object, same-noise pairs differ only in the relation
+    words, so what is learnt is where the words put each object, not which objects the image holds."""
+    positive = (pred - target).square().flatten(1).mean(1)  # (K,)
+    negative = (pred_negative - target).square().flatten(1).mean(1)
+    return F.relu(positive * (1 + margin) - negative).mean()
 
 
 class MetricWindow:

@@ -141,6 +141,11 @@ def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
     from training.data import CacheIndex
     from training.loop import build_generator_config
 
+    if cfg.model.hard_negative_weight > 0:
+        raise ConfigError(
+            "model.hard_negative_weight: the cache carries no negative captions yet, so Ray training cannot use "
+            "them; set 0 (measure them with benchmarks/learning_curve.py, which encodes them itself)"
+        )
     missing = [n for n in cfg.model.encoders or [] if n not in reader.encoder_names]
     if missing:
         raise ConfigError(

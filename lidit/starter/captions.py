@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lidit.starter.scenes import COLOURS, INVERSE, SHAPES
+from lidit.starter.scenes import COLOURS, INVERSE, SHAPES, ComboKey, combo_keys
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
@@ -138,6 +138,43 @@ def make_caption(spec: dict[str, Any], rng: random.Random) -> Caption:
         return _assemble([pre(o), other, "with", subj, rng.choice(REL_PRONOUN[r]), suf])
     # a blue square and a red circle above it
     return _assemble([pre(o), other, "and", subj, rng.choice(REL_PRONOUN[r])])
+
+
+# Every relation word of the grammar and its opposite: swapping them in a caption says its relation the other
+# way round in the same words ("a red circle left of a blue square" -> "... right of ...").
+OPPOSITE_RELATION_WORDS: dict[str, str] = {
+    "left": "right",
+    "right": "left",
+    "above": "below",
+    "below": "above",
+    "over": "under",
+    "under": "over",
+    "beneath": "above",
+}
+
+
+def swap_relation_words(caption: str) -> str:
+    """The caption with every relation word replaced by its opposite (other words, spacing kept)."""
+    return re.sub(
+        r"\b(" + "|".join(OPPOSITE_RELATION_WORDS) + r")\b",
+        lambda m: OPPOSITE_RELATION_WORDS[m.group(1)],
+        caption,
+    )
+
+
+def relation_negative(caption: str, spec: dict[str, Any], heldout: set[ComboKey]) -> str | None:
+    """A hard negative caption for a training image: its caption with the relation said the other way round.
+
+    Only relation scenes have one, and only where the swapped caption names no held-out key: otherwise the
+    negative would put a held-out combination's words into training.
+    """
+    rel = spec.get("relation")
+    if not rel:
+        return None
+    swapped = {**spec, "relation": {**rel, "relation": INVERSE[rel["relation"]]}}
+    if combo_keys(swapped) & heldout:
+        return None
+    return swap_relation_words(caption)
 
 
 def caption_for(spec: dict[str, Any], seed: int, sample_id: str) -> Caption:

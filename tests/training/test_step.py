@@ -19,7 +19,15 @@ from tests.ports import free_port
 from training.config import TrainConfig
 from training.parallelize import REPLICATE_MAX_PARAMS_CPU, parallelize, resolve_strategy
 from training.state import EMA, full_model_state
-from training.step import MetricWindow, build_optimizer, contrastive_term, step_generator, train_step
+from training.step import (
+    HardNegatives,
+    MetricWindow,
+    build_optimizer,
+    contrastive_term,
+    hard_negative_term,
+    step_generator,
+    train_step,
+)
 
 BRANCHES = [TextBranchSpec(name="a", hidden_size=24), TextBranchSpec(name="b", hidden_size=16)]
 STEPS, RESUME_AT, PER_RANK = 4, 2, 2
@@ -225,3 +233,43 @@ def test_contrastive_term_pushes_conditioned_rows_from_other_targets() -> None:
     assert not torch.allclose(grads[0], grads[1])  # the objective is not
     with pytest.raises(ValueError):
         TrainConfig.model_validate({"model": {"contrastive_weight": 1.0}})
+
+
+def test_hard_negative_hinge_stops_once_the_negative_misses_by_the_margin() -> None:
+    target = torch.zeros(2, 1, 1, 1)
+    pred = torch.tensor([1.0, 1.0]).view(2, 1, 1, 1)  # positive MSE 1 on both rows
+    negative = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)  # MSE 1 (no better than the truth) and 4
+    # row 0: relu(1.1 - 1) = 0.1; row 1: relu(1.1 - 4) = 0
+    assert hard_negative_term(pred, negative, target, 0.1).item() == pytest.approx(0.05)
+    assert hard_negative_term(pred, negative * 2, target, 0.1).item() == 0.0
+
+
+def _hard_negative_cfg(weight: float, min_sigma: float = 0.0) -> TrainConfig:
+    plain = _cfg()
+    update = {"hard_negative_weight": weight, "hard_negative_min_sigma": min_sigma}
+    return plain.model_copy(update={"model": plain.model.model_copy(update=update)}, deep=True)
+
+
+def _step_grads(cfg: TrainConfig, negatives: HardNegatives | None) -> tuple[float, torch.Tensor]:
+    model = _model()
+    optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
+    latents, texts = _batch(0, 0)
+    optim.step = lambda: None  # keep the gradients for the comparison  # noqa: E731
+    optim.zero_grad = lambda set_to_none=True: None  # noqa: E731
+    out = train_step(model, optim, ema, latents, texts, cfg, 0, step_generator(0, 0, 0), None, negatives)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return out.loss.item(), grads
+
+
+def test_hard_negatives_change_the_objective_not_the_logged_loss() -> None:
+    _, texts = _batch(0, 1)  # another batch's text as row 1's negative caption
+    negatives = HardNegatives(
+        torch.tensor([1]), [TextFeatures(t.states[1:], t.mask[1:], t.prefix_len) for t in texts]
+    )
+    plain_loss, plain = _step_grads(_cfg(), None)
+    loss, grads = _step_grads(_hard_negative_cfg(1.0), negatives)
+    assert loss == pytest.approx(plain_loss, rel=1e-5)  # the logged loss is the MSE in both
+    assert not torch.allclose(grads, plain)
+    # Off (weight 0) or every negative row below the noise floor: exactly the plain step.
+    assert torch.equal(_step_grads(_hard_negative_cfg(0.0), negatives)[1], plain)
+    assert torch.equal(_step_grads(_hard_negative_cfg(1.0, min_sigma=1.0), negatives)[1], plain)

@@ -3,14 +3,17 @@ from __future__ import annotations
 from collections import Counter
 
 from lidit.starter.captions import (
+    OPPOSITE_RELATION_WORDS,
     caption_for,
     known_vocabulary,
     locate_mentions,
     position_bin,
     prompt_words,
+    relation_negative,
     relative_position,
+    swap_relation_words,
 )
-from lidit.starter.scenes import heldout_combos, sample_scenes
+from lidit.starter.scenes import INVERSE, combo_keys, heldout_combos, sample_scenes
 
 HELD = heldout_combos(0, 0.1)
 SAMPLES = list(sample_scenes(0, "train", 1500, HELD))
@@ -66,3 +69,43 @@ def test_locate_mentions_on_free_text() -> None:
     assert locate_mentions("a green triangle", spec) == [None, None]
     assert prompt_words("A red-circle") == ["a", "red", "circle"]
     assert relative_position(0, 2, 3) == 0.5
+
+
+def test_swapping_relation_words_says_the_relation_the_other_way_round() -> None:
+    for sid, spec in SAMPLES:
+        text = caption_for(spec, 0, sid).text
+        swapped = swap_relation_words(text)
+        pairs = [(a, b) for a, b in zip(text.split(), swapped.split(), strict=True) if a != b]
+        if spec["relation"] is None:
+            assert swapped == text  # only relations have relation words
+            continue
+        assert len(pairs) == 1 and OPPOSITE_RELATION_WORDS[pairs[0][0]] == pairs[0][1]
+    assert swap_relation_words("a red circle to the left of a blue square") == (
+        "a red circle to the right of a blue square"
+    )
+
+
+def test_relation_negative_never_names_a_held_out_key() -> None:
+    found = 0
+    for sid, spec in SAMPLES:
+        text = caption_for(spec, 0, sid).text
+        negative = relation_negative(text, spec, HELD)
+        rel = spec["relation"]
+        if rel is None:
+            assert negative is None
+            continue
+        inverted = {**spec, "relation": {**rel, "relation": INVERSE[rel["relation"]]}}
+        assert (negative is None) == bool(combo_keys(inverted) & HELD)
+        found += negative is not None
+    assert found > 100
+    spec = {
+        "kind": "relation",
+        "objects": [
+            {"colour": "red", "shape": "circle", "count": 1},
+            {"colour": "blue", "shape": "square", "count": 1},
+        ],
+        "relation": {"subject": 0, "relation": "left_of", "object": 1},
+    }
+    text = "a red circle left of a blue square"
+    assert relation_negative(text, spec, set()) == "a red circle right of a blue square"
+    assert relation_negative(text, spec, {("blue", "square", "left_of")}) is None  # the swap's inverse key
