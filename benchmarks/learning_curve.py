@@ -38,7 +38,7 @@ from lidit.config import lidit_home, load_config
 from lidit.encoder import EncoderConfig, PromptEncoder, features_from_parts
 from lidit.experiment import EvalSection, evaluate_pipeline, report_metrics
 from lidit.generator import LiDiTGenerator, TextFeatures
-from lidit.objectives import NUM_TRAIN_TIMESTEPS, training_targets
+from lidit.objectives import flow_targets, training_targets
 from lidit.pipeline import LiDiTPipeline
 from lidit.starter import heldout_prompts, iter_split, read_summary
 from lidit.starter.captions import relation_negative, swap_relation_words
@@ -201,9 +201,10 @@ def relation_preference(
         texts = [e.features([item[column] for item in items]) for e in encoders]
         total = torch.zeros(len(items), device=device)
         for sigma in PREFERENCE_SIGMAS:
-            noisy = (1 - sigma) * x0 + sigma * noise
-            t = torch.full((len(items),), sigma * NUM_TRAIN_TIMESTEPS, device=device)
-            total += (model(noisy, t, texts).float() - (noise - x0)).square().flatten(1).mean(1)
+            flow = flow_targets(x0, noise, torch.full((len(items),), sigma, device=device))
+            total += (
+                (model(flow.noisy, flow.timesteps, texts).float() - flow.target).square().flatten(1).mean(1)
+            )
         totals.append(total)
     return round(float((totals[0] < totals[1]).float().mean()), 4)
 

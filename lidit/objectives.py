@@ -85,11 +85,16 @@ def training_targets(
             u = torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
         else:
             raise ValueError(f"unknown timestep sampling {timestep_sampling!r}; choose {TIMESTEP_SAMPLINGS}")
-        u = shift_sigmas(u, flow_shift)
-        sigma = u.view(b, 1, 1, 1)
-        noisy = (1 - sigma) * x0 + sigma * noise
-        return TrainingTargets(noisy, u * NUM_TRAIN_TIMESTEPS, noise - x0)
+        return flow_targets(x0, noise, shift_sigmas(u, flow_shift))
     raise ValueError(f"unknown objective {objective!r}; choose epsilon or flow")
+
+
+def flow_targets(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> TrainingTargets:
+    """Rectified flow at noise levels `sigmas` (B,): input (1 - sigma) x0 + sigma noise, model timesteps
+    sigma * 1000, velocity target noise - x0 (what `training_targets` draws, and fixed-noise probes reuse)."""
+    sigma = sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - sigma) * x0 + sigma * noise
+    return TrainingTargets(noisy, sigmas * NUM_TRAIN_TIMESTEPS, noise - x0)
 
 
 def cfg_drop_mask(batch: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
