@@ -42,12 +42,13 @@ from lidit.objectives import flow_targets, training_targets
 from lidit.pipeline import LiDiTPipeline
 from lidit.starter import heldout_prompts, iter_split, read_summary
 from lidit.starter.captions import relation_negative, swap_relation_words
+from lidit.starter.layout import relation_layout_targets
 from training.config import TrainConfig
 from training.data import head_rows, rank_batch_tables
 from training.loop import build_generator_config, select_branches
 from training.parallelize import parallelize
 from training.state import EMA
-from training.step import HardNegatives, build_optimizer, step_generator, train_step
+from training.step import HardNegatives, LayoutTargets, build_optimizer, step_generator, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -156,6 +157,46 @@ def batch_negatives(
     return HardNegatives(torch.tensor(rows), texts)
 
 
+def relation_layouts(
+    starter: Path, encoders: list[PromptEncoder]
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Row id -> per-branch (targets, mask) of its prompt tokens (`relation_layout_targets`), for the training
+    relation rows. Built here, not read from the cache: the cache does not carry them yet."""
+    rows = [(r["id"], r["caption"], r["spec"]) for r in iter_split(starter, "train", decode=False)]
+    rows = [r for r in rows if r[2].get("relation")]
+    out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i, _, _ in rows}
+    for encoder in encoders:
+        spans = encoder.token_spans([c for _, c, _ in rows])
+        for (i, caption, spec), token_spans in zip(rows, spans, strict=True):
+            targets = relation_layout_targets(caption, spec, token_spans)
+            assert targets is not None  # relation rows only
+            out[i].append(targets)
+    print(f"[curve] {len(out)} training rows have layout targets", flush=True)
+    return out
+
+
+def batch_layout(
+    ids: list[str], layouts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], texts: list[TextFeatures]
+) -> LayoutTargets:
+    """The `LayoutTargets` of one batch, padded like each branch's prompt tokens (rows without: all masked)."""
+    targets, masks = [], []
+    for b, feats in enumerate(texts):
+        length = feats.states.shape[1] - feats.prefix_len
+        target = torch.zeros(len(ids), length, 2)
+        mask = torch.zeros(len(ids), length, dtype=torch.bool)
+        for row, i in enumerate(ids):
+            if i in layouts:
+                t, m = layouts[i][b]
+                if len(m) != int(feats.mask[row, feats.prefix_len :].sum()):
+                    raise ValueError(
+                        f"row {i}: {len(m)} layout targets for a different number of prompt tokens"
+                    )
+                target[row, : len(m)], mask[row, : len(m)] = t, m
+        targets.append(target)
+        masks.append(mask)
+    return LayoutTargets(targets, masks)
+
+
 # Noise levels of the relation preference: high, where sampling still decides the layout (below ~0.7 the noisy
 # input shows where the objects are, so any caption predicts about the same).
 PREFERENCE_SIGMAS = (0.8, 0.9, 0.97)
@@ -253,6 +294,7 @@ def run_curve(
     negatives = (
         relation_negatives(reader, starter, names, encoders) if cfg.model.hard_negative_weight > 0 else {}
     )
+    layouts = relation_layouts(starter, encoders) if cfg.model.layout_weight > 0 else {}
     heldout = heldout_prompts(starter, eval_cfg.prompts)
     seen = train_prompts(starter, eval_cfg.prompts)
     relations = preference_items(starter)
@@ -265,8 +307,9 @@ def run_curve(
             latents, texts, ids = batch_to_training_inputs(next(batches)[2], reader)
             texts = select_branches(texts, reader, names)
             hard = batch_negatives(ids, negatives, reader, names) if negatives else None
+            layout = batch_layout(ids, layouts, texts) if layouts else None
             draws = step_generator(cfg.seed, 0, step)
-            train_step(model, optim, ema, latents, texts, cfg, step, draws, device, hard)
+            train_step(model, optim, ema, latents, texts, cfg, step, draws, device, hard, layout)
             if (step + 1) % PROGRESS_EVERY == 0:
                 elapsed = time.perf_counter() - t0
                 eta = elapsed / (step + 1 - done) * (budget - step - 1)

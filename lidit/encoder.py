@@ -149,6 +149,12 @@ class PromptEncoder:
             return torch.zeros(0, self.hidden_size, device=self.device, dtype=DTYPES[self.config.dtype])
         return self._prefix[0]
 
+    def token_spans(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
+        """Character span `(start, end)` of every prompt token, as `encode_prompts` tokenizes (and truncates)
+        them: entry i of a prompt's list belongs to its i-th prompt state."""
+        enc = self.tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
+        return [[tuple(span) for span in spans[: self.config.max_length]] for spans in enc["offset_mapping"]]
+
     def _tokenize(self, prompts: list[str], truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         too_long = [i for i, x in enumerate(ids) if len(x) > self.config.max_length]

@@ -54,6 +54,11 @@ class GeneratorConfig(StrictModel):
     qk_norm: bool = True
     sincos_position: bool = Field(True, description="add a 2D sin-cos grid embedding before the conv block")
     timestep_channels: int = Field(256, ge=2)
+    layout_head: bool = Field(
+        False,
+        description="training-only head reading each fused prompt token's object position (text-side layout "
+        "supervision, not in the paper); sampling never calls it",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GeneratorConfig:
@@ -142,6 +147,12 @@ class LiDiTGenerator(nn.Module):
         # even for an empty prompt with no prefix (the unconditional branch of CFG).
         self.null_token = nn.Parameter(torch.zeros(1, 1, d))
         self.text_pool = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        # Per token, not pooled: each object's words must carry where that object goes.
+        self.layout_head = (
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))
+            if config.layout_head
+            else None
+        )
         self.backbone = LiDiT(
             config.latent_channels,
             config.patch_size,
@@ -199,14 +210,27 @@ class LiDiTGenerator(nn.Module):
         return fused, fused_mask  # (B, S, D), (B, S)
 
     def forward(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, texts: list[TextFeatures]
-    ) -> torch.Tensor:
-        """latents (B, C, H, W), timesteps (B,) in [0, 1000), texts one per encoder -> prediction (B, C, H, W)."""
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        texts: list[TextFeatures],
+        with_layout: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """latents (B, C, H, W), timesteps (B,) in [0, 1000), texts one per encoder -> prediction (B, C, H, W).
+
+        `with_layout` (needs `layout_head`) also returns the head's (B, S-1, 2) reading of every fused prompt
+        token (the branches' prompt tokens in order, padded as in `encode_text`; no null token). It runs inside
+        forward so a sharded model unshards the head with everything else."""
         t_emb = self.time_embed(self.time_proj(timesteps).to(latents.dtype))  # (B, D)
         tokens, mask = self.encode_text(texts, t_emb)
         pooled = masked_mean(tokens[:, :-1], mask[:, :-1])  # (B, D), prompt tokens only
         c = t_emb + self.text_pool(pooled)  # (B, D)
-        return self.backbone(latents, c, tokens, mask)
+        pred = self.backbone(latents, c, tokens, mask)
+        if not with_layout:
+            return pred
+        if self.layout_head is None:
+            raise ValueError("with_layout needs a generator built with layout_head=True")
+        return pred, self.layout_head(tokens[:, :-1])
 
     # -- persistence -------------------------------------------------------------------------------------
 

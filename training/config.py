@@ -47,6 +47,13 @@ class ModelSection(StrictModel):
         description="noise level from which the hard-negative term applies: below it the noisy input shows the "
         "layout, so the best prediction under either caption is nearly the same",
     )
+    layout_weight: float = Field(
+        0.0,
+        ge=0,
+        description="text-side layout supervision: a head on the fused prompt tokens also learns where each object "
+        "named in a relation caption stands, weighted by this (0 = off; needs per-token layout targets, so "
+        "Ray-free learning-curve runs only for now)",
+    )
     encoders: list[str] | None = Field(None, description="subset of the cache's encoders (default: all)")
     fusion: Literal["collaborative", "concat"] = "collaborative"
     refiner_depth: int | None = Field(None, ge=0, description="override the preset; 0 = raw LLM states")

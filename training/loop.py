@@ -52,6 +52,8 @@ def build_generator_config(cfg: TrainConfig, reader: CacheReader) -> GeneratorCo
     overrides: dict[str, Any] = dict(cfg.model.overrides)
     overrides.update(fusion=cfg.model.fusion, refiner_causal=cfg.model.refiner_causal)
     overrides["latent_channels"] = reader.manifest.vae.latent_channels
+    if cfg.model.layout_weight > 0:
+        overrides["layout_head"] = True
     if cfg.model.refiner_depth is not None:
         overrides["refiner_depth"] = cfg.model.refiner_depth
     return GeneratorConfig.from_preset(cfg.model.preset, branches, **overrides)

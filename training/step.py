@@ -32,6 +32,14 @@ class HardNegatives(NamedTuple):
     texts: list[TextFeatures]
 
 
+class LayoutTargets(NamedTuple):
+    """Per-token layout targets of a batch (`lidit.starter.layout`), one entry per generator branch in its
+    order: `targets` (B, L_b, 2) and `mask` (B, L_b) bool over that branch's padded prompt tokens."""
+
+    targets: list[torch.Tensor]
+    mask: list[torch.Tensor]
+
+
 class StepOutput(NamedTuple):
     """What one step leaves behind, still on the device: no host sync has happened."""
 
@@ -78,10 +86,12 @@ def train_step(
     generator: torch.Generator,
     device: torch.device | None = None,
     negatives: HardNegatives | None = None,
+    layout: LayoutTargets | None = None,
 ) -> StepOutput:
     """One optimizer step on one batch: CFG dropout, noising, LR schedule, forward, MSE (minus the contrastive
-    term when `model.contrastive_weight` > 0), backward, clip, AdamW, EMA. The returned loss is the MSE alone,
-    so runs with and without the contrastive term log comparable losses.
+    term when `model.contrastive_weight` > 0, plus the hard-negative hinge and the layout term when given and
+    weighted), backward, clip, AdamW, EMA. The returned loss is the MSE alone, so runs with and without the
+    extra terms log comparable losses.
 
     `latents` (B, C, H, W) and `texts` (one `TextFeatures` per generator branch, in its order) arrive on the
     CPU from the loader; random draws use the CPU `generator` so they do not depend on the device, and inputs
@@ -112,7 +122,14 @@ def train_step(
                 TextFeatures.cat([t, TextFeatures(n.states[keep], n.mask[keep], n.prefix_len).to(device)])
                 for t, n in zip(texts, negatives.texts, strict=True)
             ]
-    pred = model(noisy.to(device), timesteps.to(device), texts).float()  # (B [+ K], C, H, W)
+    use_layout = layout is not None and cfg.model.layout_weight > 0
+    if (
+        use_layout and neg_rows is not None
+    ):  # negative rows re-pad the prompt tokens the targets are aligned to
+        raise ValueError("layout targets and hard negatives cannot share a step yet")
+    out = model(noisy.to(device), timesteps.to(device), texts, with_layout=use_layout)
+    pred, layout_pred = out if use_layout else (out, None)
+    pred = pred.float()  # (B [+ K], C, H, W)
     batch = latents.shape[0]
     pred, pred_neg = pred[:batch], pred[batch:]
     target = targets.target.to(device).float()
@@ -124,6 +141,9 @@ def train_step(
         rows = neg_rows.to(device)
         term = hard_negative_term(pred[rows], pred_neg, target[rows], cfg.model.hard_negative_margin)
         objective = objective + cfg.model.hard_negative_weight * term
+    if layout_pred is not None:
+        term = layout_term(layout_pred[: latents.shape[0]].float(), layout, ~drop.to(device))
+        objective = objective + cfg.model.layout_weight * term
     objective.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
     optim.step()
@@ -154,6 +174,19 @@ def hard_negative_term(
     positive = (pred - target).square().flatten(1).mean(1)  # (K,)
     negative = (pred_negative - target).square().flatten(1).mean(1)
     return F.relu(positive * (1 + margin) - negative).mean()
+
+
+def layout_term(pred: torch.Tensor, layout: LayoutTargets, kept: torch.Tensor) -> torch.Tensor:
+    """Squared error of the layout head's (B, S, 2) per-token positions against the targets, averaged over
+    the tokens that have one, in rows whose prompt was kept (a CFG-dropped row has no words to read)."""
+    targets = torch.cat([t.to(pred.device) for t in layout.targets], dim=1)  # (B, S, 2)
+    mask = torch.cat([m.to(pred.device) for m in layout.mask], dim=1) & kept.unsqueeze(1)  # (B, S)
+    if targets.shape[:2] != pred.shape[:2]:
+        raise ValueError(
+            f"layout targets {tuple(targets.shape[:2])} do not match the prompt tokens {tuple(pred.shape[:2])}"
+        )
+    weight = mask.float()
+    return ((pred - targets).square().sum(-1) * weight).sum() / weight.sum().clamp(min=1)
 
 
 class MetricWindow:

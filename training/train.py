@@ -146,6 +146,11 @@ def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
             "model.hard_negative_weight: the cache carries no negative captions yet, so Ray training cannot use "
             "them; set 0 (measure them with benchmarks/learning_curve.py, which encodes them itself)"
         )
+    if cfg.model.layout_weight > 0:
+        raise ConfigError(
+            "model.layout_weight: the cache carries no per-token layout targets yet, so Ray training cannot use "
+            "them; set 0 (measure them with benchmarks/learning_curve.py, which builds them itself)"
+        )
     missing = [n for n in cfg.model.encoders or [] if n not in reader.encoder_names]
     if missing:
         raise ConfigError(

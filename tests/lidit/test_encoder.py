@@ -112,3 +112,11 @@ def test_prefix_sharing_uses_the_cache_api_that_stays(encoder: PromptEncoder) ->
         warnings.simplefilter("always")
         encoder.encode_prompts(PROMPTS)
     assert not [w for w in seen if "past_key_values" in str(w.message)]
+
+
+def test_token_spans_line_up_with_the_prompt_states(encoder: PromptEncoder) -> None:
+    spans = encoder.token_spans(PROMPTS)
+    lengths = encoder.encode_prompts(PROMPTS).lengths.tolist()
+    assert [len(s) for s in spans] == lengths  # one span per prompt state
+    for prompt, prompt_spans in zip(PROMPTS, spans, strict=True):
+        assert "".join(prompt[a:b] for a, b in prompt_spans).strip() == prompt  # they cover the text in order

@@ -81,7 +81,9 @@ def test_empty_prompt_without_prefix_is_finite() -> None:
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("overrides", [{"fusion": "concat"}, {"refiner_position": True}])
+@pytest.mark.parametrize(
+    "overrides", [{"fusion": "concat"}, {"refiner_position": True}, {"layout_head": True}]
+)
 def test_save_load_round_trip_is_exact(tmp_path, overrides: dict) -> None:
     model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, **overrides)))
     assert all(r.position == overrides.get("refiner_position", False) for r in model.refiners)
@@ -129,3 +131,16 @@ def test_sincos_grid_gives_every_token_its_own_position() -> None:
     assert dists.min() > 0.1  # no two tokens of the grid share an embedding
     # The same cell has the same embedding in a larger grid (positions extend, they are not rescaled).
     torch.testing.assert_close(sincos_2d(96, 8, 7, torch.device("cpu"), torch.float32)[:35], pos)
+
+
+def test_layout_head_reads_every_prompt_token_and_leaves_sampling_alone() -> None:
+    torch.manual_seed(0)
+    plain = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES))
+    assert not any(k.startswith("layout_head") for k in plain.state_dict())  # default weights: unchanged keys
+    x, t, texts = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), _texts()
+    with pytest.raises(ValueError, match="layout_head"):
+        plain(x, t, texts, with_layout=True)
+    model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, layout_head=True)))
+    pred, layout = model(x, t, texts, with_layout=True)
+    assert layout.shape == (2, 6 + 8, 2)  # both branches' prompt tokens, no prefix, no null token
+    assert torch.equal(pred, model(x, t, texts))

@@ -69,6 +69,7 @@ def test_bad_value_exits_2_with_one_line(
         ({"overrides": {"heads": 5}}, "model.overrides", "divisible by heads 5"),
         ({"overrides": {"depht": 3}}, "model.overrides", "depht"),
         ({"hard_negative_weight": 1.0}, "model.hard_negative_weight", "no negative captions"),
+        ({"layout_weight": 0.5}, "model.layout_weight", "no per-token layout targets"),
     ],
 )
 def test_cache_dependent_errors_are_raised_before_ray(

@@ -21,10 +21,12 @@ from training.parallelize import REPLICATE_MAX_PARAMS_CPU, parallelize, resolve_
 from training.state import EMA, full_model_state
 from training.step import (
     HardNegatives,
+    LayoutTargets,
     MetricWindow,
     build_optimizer,
     contrastive_term,
     hard_negative_term,
+    layout_term,
     step_generator,
     train_step,
 )
@@ -273,3 +275,76 @@ def test_hard_negatives_change_the_objective_not_the_logged_loss() -> None:
     # Off (weight 0) or every negative row below the noise floor: exactly the plain step.
     assert torch.equal(_step_grads(_hard_negative_cfg(0.0), negatives)[1], plain)
     assert torch.equal(_step_grads(_hard_negative_cfg(1.0, min_sigma=1.0), negatives)[1], plain)
+
+
+def _layout_model(layout_head: bool) -> LiDiTGenerator:
+    torch.manual_seed(0)
+    config = GeneratorConfig.from_preset(
+        "tiny", BRANCHES, dim=32, depth=2, heads=2, refiner_depth=1, layout_head=layout_head
+    )
+    model = LiDiTGenerator(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    return model
+
+
+def _layout_grads(weight: float, layout: LayoutTargets | None) -> tuple[float, dict[str, torch.Tensor]]:
+    plain = _cfg()
+    # No clipping: a clipped step rescales every gradient, the image path's too.
+    update = {
+        "model": plain.model.model_copy(update={"layout_weight": weight}),
+        "optim": plain.optim.model_copy(update={"grad_clip": 1e9}),
+    }
+    cfg = plain.model_copy(update=update, deep=True)
+    model = _layout_model(True)
+    optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
+    latents, texts = _batch(0, 0)
+    optim.step = lambda: None  # keep the gradients for the comparison  # noqa: E731
+    optim.zero_grad = lambda set_to_none=True: None  # noqa: E731
+    out = train_step(model, optim, ema, latents, texts, cfg, 0, step_generator(0, 0, 0), None, None, layout)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.item(), grads
+
+
+def _layout_targets(rows: int) -> LayoutTargets:
+    """Targets on the second prompt token of the first `rows` rows, for both branches (4 prompt tokens each)."""
+    targets, masks = [], []
+    for _ in BRANCHES:
+        target = torch.zeros(PER_RANK, 4, 2)
+        mask = torch.zeros(PER_RANK, 4, dtype=torch.bool)
+        target[:rows, 1] = torch.tensor([-1.0, 0.5])
+        mask[:rows, 1] = True
+        targets.append(target)
+        masks.append(mask)
+    return LayoutTargets(targets, masks)
+
+
+def test_layout_supervision_trains_the_text_path_not_the_logged_loss() -> None:
+    plain_loss, plain = _layout_grads(0.0, _layout_targets(PER_RANK))
+    loss, grads = _layout_grads(0.5, _layout_targets(PER_RANK))
+    assert loss == pytest.approx(plain_loss, rel=1e-5)  # the logged loss is the MSE in both
+    assert not any(n.startswith("layout_head") for n in plain)  # off: the head is not even in the graph
+    assert grads["layout_head.3.weight"].abs().sum() > 0
+    refiner = [n for n in grads if n.startswith("refiners.")]
+    assert any(not torch.allclose(grads[n], plain[n]) for n in refiner)  # it reaches the refiners
+    backbone = [n for n in grads if n.startswith("backbone.")]
+    assert all(torch.equal(grads[n], plain[n]) for n in backbone)  # and not the image path
+    # No token with a target: exactly the plain step.
+    _, none = _layout_grads(0.5, _layout_targets(0))
+    assert all(torch.equal(none[n], plain[n]) for n in plain)
+
+
+def test_layout_term_averages_target_tokens_of_kept_rows() -> None:
+    layout = LayoutTargets(
+        [torch.zeros(2, 3, 2)], [torch.tensor([[True, False, False], [True, True, False]])]
+    )
+    pred = torch.zeros(2, 3, 2)
+    pred[0, 0] = torch.tensor([1.0, 1.0])  # squared error 2 on row 0's one target token
+    pred[0, 1] = torch.tensor([5.0, 5.0])  # no target there: ignored
+    assert layout_term(pred, layout, torch.tensor([True, True])).item() == pytest.approx(2 / 3)
+    assert layout_term(pred, layout, torch.tensor([True, False])).item() == pytest.approx(2.0)
+    assert layout_term(pred, layout, torch.tensor([False, False])).item() == 0.0  # CFG-dropped rows
+    with pytest.raises(ValueError, match="do not match"):
+        layout_term(torch.zeros(2, 4, 2), layout, torch.tensor([True, True]))

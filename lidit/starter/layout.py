@@ -1,0 +1,51 @@
+"""Text-side layout targets: where each object named in a relation caption stands, per prompt token.
+
+An auxiliary training signal (ours, not the paper's). Plain denoising MSE carries little of a relation: at high
+noise the best prediction under "A left of B" is a blur over many layouts. A probe on the starter
+(benchmarks/results/learning_curve.md, `long-layout`) showed the text path itself can learn where each object
+goes when told per token: a small head on the fused tokens reads the side right for 0.97 of held-out relation
+captions after 750 supervised steps, while the generator trained on MSE alone gets it right for ~0.2.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from lidit.starter.captions import locate_mentions
+from lidit.starter.scenes import box_center
+
+_WORD = re.compile(r"[a-z0-9]+")  # the words `locate_mentions` counts (captions.prompt_words)
+
+
+def relation_layout_targets(
+    caption: str, spec: dict[str, Any], token_spans: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-token targets of one relation caption: `(targets (L, 2), mask (L,) bool)` for its `L` tokens.
+
+    A token inside an object's mention (determiner, size, colour and shape words) gets that object's centre as
+    an offset from the midpoint of the named objects, in quarter-image units (x right, y down; about +-1), so
+    "A left of B" gives A's words a negative x and B's a positive one. Other tokens are masked out. None for a
+    scene without a relation: where its objects stand is not in its caption.
+    """
+    if not spec.get("relation"):
+        return None
+    spans = [m.span() for m in _WORD.finditer(caption.lower())]
+    size = float(spec["image_size"])
+    centres = [box_center(obj["boxes"][0]) for obj in spec["objects"]]
+    mid_x = sum(c[0] for c in centres) / len(centres)
+    mid_y = sum(c[1] for c in centres) / len(centres)
+    targets = torch.zeros(len(token_spans), 2)
+    mask = torch.zeros(len(token_spans), dtype=torch.bool)
+    for mention in locate_mentions(caption, spec):
+        if mention is None:
+            continue
+        start, end = spans[mention.word_start][0], spans[mention.word_end][1]
+        cx, cy = centres[mention.object_index]
+        for k, (a, b) in enumerate(token_spans):
+            if a < end and b > start:
+                targets[k] = torch.tensor([(cx - mid_x) * 4 / size, (cy - mid_y) * 4 / size])
+                mask[k] = True
+    return targets, mask
