@@ -42,7 +42,7 @@ from lidit.objectives import flow_targets, training_targets
 from lidit.pipeline import LiDiTPipeline
 from lidit.starter import heldout_prompts, iter_split, read_summary
 from lidit.starter.captions import relation_negative, swap_relation_words
-from lidit.starter.layout import relation_layout_targets
+from lidit.starter.layout import layout_targets
 from training.config import TrainConfig
 from training.data import head_rows, rank_batch_tables
 from training.loop import build_generator_config, select_branches
@@ -157,41 +157,33 @@ def batch_negatives(
     return HardNegatives(torch.tensor(rows), texts)
 
 
-def relation_layouts(
-    starter: Path, encoders: list[PromptEncoder]
-) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Row id -> per-branch (targets, mask) of its prompt tokens (`relation_layout_targets`), for the training
-    relation rows. Built here, not read from the cache: the cache does not carry them yet."""
+def caption_layouts(starter: Path, encoders: list[PromptEncoder]) -> dict[str, list[torch.Tensor]]:
+    """Row id -> per-branch (L, 2) layout targets of its prompt tokens (`lidit.starter.layout`), for every
+    training row. Built here, not read from the cache: the cache does not carry them yet."""
     rows = [(r["id"], r["caption"], r["spec"]) for r in iter_split(starter, "train", decode=False)]
-    rows = [r for r in rows if r[2].get("relation")]
-    out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i, _, _ in rows}
+    out: dict[str, list[torch.Tensor]] = {i: [] for i, _, _ in rows}
     for encoder in encoders:
         spans = encoder.token_spans([c for _, c, _ in rows])
         for (i, caption, spec), token_spans in zip(rows, spans, strict=True):
-            targets = relation_layout_targets(caption, spec, token_spans)
-            assert targets is not None  # relation rows only
-            out[i].append(targets)
-    print(f"[curve] {len(out)} training rows have layout targets", flush=True)
+            out[i].append(layout_targets(caption, spec, token_spans))
+    print(f"[curve] layout targets for {len(out)} training rows", flush=True)
     return out
 
 
 def batch_layout(
-    ids: list[str], layouts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], texts: list[TextFeatures]
+    ids: list[str], layouts: dict[str, list[torch.Tensor]], texts: list[TextFeatures]
 ) -> LayoutTargets:
-    """The `LayoutTargets` of one batch, padded like each branch's prompt tokens (rows without: all masked)."""
+    """The `LayoutTargets` of one batch, padded like each branch's prompt tokens (padding masked)."""
     targets, masks = [], []
     for b, feats in enumerate(texts):
         length = feats.states.shape[1] - feats.prefix_len
         target = torch.zeros(len(ids), length, 2)
         mask = torch.zeros(len(ids), length, dtype=torch.bool)
         for row, i in enumerate(ids):
-            if i in layouts:
-                t, m = layouts[i][b]
-                if len(m) != int(feats.mask[row, feats.prefix_len :].sum()):
-                    raise ValueError(
-                        f"row {i}: {len(m)} layout targets for a different number of prompt tokens"
-                    )
-                target[row, : len(m)], mask[row, : len(m)] = t, m
+            t = layouts[i][b]
+            if len(t) != int(feats.mask[row, feats.prefix_len :].sum()):
+                raise ValueError(f"row {i}: {len(t)} layout targets for a different number of prompt tokens")
+            target[row, : len(t)], mask[row, : len(t)] = t, True
         targets.append(target)
         masks.append(mask)
     return LayoutTargets(targets, masks)
@@ -294,7 +286,7 @@ def run_curve(
     negatives = (
         relation_negatives(reader, starter, names, encoders) if cfg.model.hard_negative_weight > 0 else {}
     )
-    layouts = relation_layouts(starter, encoders) if cfg.model.layout_weight > 0 else {}
+    layouts = caption_layouts(starter, encoders) if cfg.model.layout_weight > 0 else {}
     heldout = heldout_prompts(starter, eval_cfg.prompts)
     seen = train_prompts(starter, eval_cfg.prompts)
     relations = preference_items(starter)

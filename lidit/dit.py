@@ -31,6 +31,15 @@ def sincos_2d(dim: int, h: int, w: int, device: torch.device, dtype: torch.dtype
     return torch.cat(parts, dim=1).to(dtype)  # (N, dim)
 
 
+def image_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Centre of every token of an h x w grid as (x, y) offsets from the image centre in quarter-image units
+    (each in (-2, 2)), row-major like the token sequence: (h*w, 2)."""
+    ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h * 4 - 2
+    xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w * 4 - 2
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1)
+
+
 class ConvPositionBlock(nn.Module):
     """Residual depthwise 3x3 conv over the token grid (conditional position encoding)."""
 
@@ -45,8 +54,17 @@ class ConvPositionBlock(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero block: modulated self-attn, modulated cross-attn to text, modulated MLP, each gated."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = True,
+        layout_attention: bool = False,
+    ) -> None:
         super().__init__()
+        # Per head, zero at init: how strongly a text token's layout offset pulls image tokens on its side.
+        self.layout_scale = nn.Parameter(torch.zeros(heads)) if layout_attention else None
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.self_attn = Attention(dim, heads, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -56,11 +74,21 @@ class DiTBlock(nn.Module):
         self.ada = AdaLN(dim, dim, chunks=9)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        layout_dot: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`layout_dot` (B, N, S): image token position . text token layout offset (`LiDiT.forward`)."""
         s1, sc1, g1, s2, sc2, g2, s3, sc3, g3 = self.ada(c)  # (B, D) each
+        bias = None
+        if self.layout_scale is not None and layout_dot is not None:
+            bias = self.layout_scale.view(1, -1, 1, 1) * layout_dot.unsqueeze(1)  # (B, H, N, S)
         x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), s1, sc1))
-        x = x + g2.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), s2, sc2), text, text_mask)
+        h = self.cross_attn(modulate(self.norm2(x), s2, sc2), text, text_mask, bias=bias)
+        x = x + g2.unsqueeze(1) * h
         x = x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), s3, sc3))
         return x  # (B, N, D)
 
@@ -94,6 +122,7 @@ class LiDiT(nn.Module):
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
         sincos_position: bool = True,
+        layout_attention: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -101,13 +130,25 @@ class LiDiT(nn.Module):
         self.patch_size = patch_size
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.pos_block = ConvPositionBlock(dim)
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, heads, mlp_ratio, qk_norm, layout_attention) for _ in range(depth)
+        )
         self.final = FinalLayer(dim, patch_size, in_channels)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        text_layout: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, H, W) latents, c (B, D) condition, text (B, S, D), text_mask (B, S) -> (B, C, H, W)."""
+        """x (B, C, H, W) latents, c (B, D) condition, text (B, S, D), text_mask (B, S) -> (B, C, H, W).
+
+        `text_layout` (B, S, 2): where each text token says its object stands, as an offset from the image
+        centre in quarter-image units (x right, y down; 0 = no place). With `layout_attention`, each block's
+        cross-attention adds `scale_h * (image token position . offset)` to its logits, so image tokens left
+        of the centre lean towards the words of a left object (any resolution: positions are relative)."""
         b, _, height, width = x.shape
         p = self.patch_size
         if height % p or width % p:
@@ -118,8 +159,12 @@ class LiDiT(nn.Module):
             pos = sincos_2d(tokens.shape[1], h, w, tokens.device, tokens.dtype)  # (N, D)
             tokens = tokens + pos.T.reshape(1, -1, h, w)
         tokens = self.pos_block(tokens).flatten(2).transpose(1, 2)  # (B, N, D)
+        layout_dot = None
+        if text_layout is not None:
+            grid = image_grid(h, w, tokens.device, tokens.dtype)  # (N, 2)
+            layout_dot = torch.einsum("nk,bsk->bns", grid, text_layout.to(tokens.dtype))  # (B, N, S)
         for block in self.blocks:
-            tokens = block(tokens, c, text, text_mask)
+            tokens = block(tokens, c, text, text_mask, layout_dot)
         out = self.final(tokens, c)  # (B, N, p*p*C)
         out = out.view(b, h, w, p, p, self.in_channels)
         return torch.einsum("bhwpqc->bchpwq", out).reshape(b, self.in_channels, height, width)

@@ -57,13 +57,19 @@ class GeneratorConfig(StrictModel):
     layout_head: bool = Field(
         False,
         description="training-only head reading each fused prompt token's object position (text-side layout "
-        "supervision, not in the paper); sampling never calls it",
+        "supervision, not in the paper)",
+    )
+    layout_attention: bool = Field(
+        False,
+        description="bias the DiT's cross-attention by the layout head's per-token offsets (needs layout_head)",
     )
 
     @model_validator(mode="after")
     def _check(self) -> GeneratorConfig:
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+        if self.layout_attention and not self.layout_head:
+            raise ValueError("layout_attention reads the layout head: set layout_head=True too")
         names = [e.name for e in self.encoders]
         if len(set(names)) != len(names):
             raise ValueError(f"encoder names must be unique, got {names}")
@@ -162,6 +168,7 @@ class LiDiTGenerator(nn.Module):
             config.mlp_ratio,
             config.qk_norm,
             config.sincos_position,
+            config.layout_attention,
         )
         self.initialize_weights()
 
@@ -225,12 +232,15 @@ class LiDiTGenerator(nn.Module):
         tokens, mask = self.encode_text(texts, t_emb)
         pooled = masked_mean(tokens[:, :-1], mask[:, :-1])  # (B, D), prompt tokens only
         c = t_emb + self.text_pool(pooled)  # (B, D)
-        pred = self.backbone(latents, c, tokens, mask)
-        if not with_layout:
-            return pred
-        if self.layout_head is None:
+        if with_layout and self.layout_head is None:
             raise ValueError("with_layout needs a generator built with layout_head=True")
-        return pred, self.layout_head(tokens[:, :-1])
+        layout = self.layout_head(tokens[:, :-1]) if with_layout or self.config.layout_attention else None
+        text_layout = None
+        if self.config.layout_attention:
+            # Detached: the layout loss alone trains the head, the DiT only learns how far to lean on it.
+            text_layout = torch.cat([layout.detach(), layout.new_zeros(layout.shape[0], 1, 2)], dim=1)
+        pred = self.backbone(latents, c, tokens, mask, text_layout)
+        return (pred, layout) if with_layout else pred
 
     # -- persistence -------------------------------------------------------------------------------------
 

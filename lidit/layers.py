@@ -55,8 +55,10 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         causal: bool = False,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, N, D); context (B, S, Dc) or None for self-attention; key_mask (B, S) bool, True = attend."""
+        """x (B, N, D); context (B, S, Dc) or None for self-attention; key_mask (B, S) bool, True = attend;
+        bias (B, H, N, S) added to the attention logits of the keys attended to."""
         context = x if context is None else context
         b, n, _ = x.shape
         s = context.shape[1]
@@ -75,6 +77,9 @@ class Attention(nn.Module):
                 mask = mask & torch.ones(n, s, dtype=torch.bool, device=x.device).tril()
             empty = ~mask.any(dim=-1, keepdim=True)  # (B, 1, N, 1)
             mask = mask | empty  # avoid NaN softmax; those rows are zeroed below
+        if bias is not None:
+            bias = bias.to(q.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, hd)
         if empty is not None:
             out = out.masked_fill(empty, 0.0)

@@ -20,25 +20,23 @@ from lidit.starter.scenes import box_center
 _WORD = re.compile(r"[a-z0-9]+")  # the words `locate_mentions` counts (captions.prompt_words)
 
 
-def relation_layout_targets(
-    caption: str, spec: dict[str, Any], token_spans: list[tuple[int, int]]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-token targets of one relation caption: `(targets (L, 2), mask (L,) bool)` for its `L` tokens.
+def layout_targets(caption: str, spec: dict[str, Any], token_spans: list[tuple[int, int]]) -> torch.Tensor:
+    """Per-token targets of one caption: (L, 2) for its `L` tokens, every one of them a target.
 
-    A token inside an object's mention (determiner, size, colour and shape words) gets that object's centre as
-    an offset from the midpoint of the named objects, in quarter-image units (x right, y down; about +-1), so
-    "A left of B" gives A's words a negative x and B's a positive one. Other tokens are masked out. None for a
-    scene without a relation: where its objects stand is not in its caption.
+    In a relation caption, a token inside an object's mention (determiner, size, colour and shape words) gets
+    that object's centre as an offset from the midpoint of the named objects, in quarter-image units (x right,
+    y down; about +-1), so "A left of B" gives A's words a negative x and B's a positive one. Every other token,
+    and every token of a caption without a relation (where its objects stand is not in its words), gets 0: "no
+    place", which is also the best guess for objects placed at random.
     """
+    targets = torch.zeros(len(token_spans), 2)
     if not spec.get("relation"):
-        return None
+        return targets
     spans = [m.span() for m in _WORD.finditer(caption.lower())]
     size = float(spec["image_size"])
     centres = [box_center(obj["boxes"][0]) for obj in spec["objects"]]
     mid_x = sum(c[0] for c in centres) / len(centres)
     mid_y = sum(c[1] for c in centres) / len(centres)
-    targets = torch.zeros(len(token_spans), 2)
-    mask = torch.zeros(len(token_spans), dtype=torch.bool)
     for mention in locate_mentions(caption, spec):
         if mention is None:
             continue
@@ -47,5 +45,4 @@ def relation_layout_targets(
         for k, (a, b) in enumerate(token_spans):
             if a < end and b > start:
                 targets[k] = torch.tensor([(cx - mid_x) * 4 / size, (cy - mid_y) * 4 / size])
-                mask[k] = True
-    return targets, mask
+    return targets

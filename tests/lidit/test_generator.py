@@ -82,7 +82,13 @@ def test_empty_prompt_without_prefix_is_finite() -> None:
 
 
 @pytest.mark.parametrize(
-    "overrides", [{"fusion": "concat"}, {"refiner_position": True}, {"layout_head": True}]
+    "overrides",
+    [
+        {"fusion": "concat"},
+        {"refiner_position": True},
+        {"layout_head": True},
+        {"layout_head": True, "layout_attention": True},
+    ],
 )
 def test_save_load_round_trip_is_exact(tmp_path, overrides: dict) -> None:
     model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, **overrides)))
@@ -144,3 +150,45 @@ def test_layout_head_reads_every_prompt_token_and_leaves_sampling_alone() -> Non
     pred, layout = model(x, t, texts, with_layout=True)
     assert layout.shape == (2, 6 + 8, 2)  # both branches' prompt tokens, no prefix, no null token
     assert torch.equal(pred, model(x, t, texts))
+
+
+def test_layout_attention_leans_image_tokens_towards_their_side_s_words() -> None:
+    with pytest.raises(ValueError, match="layout_head"):
+        GeneratorConfig.from_preset("tiny", BRANCHES, layout_attention=True)
+    torch.manual_seed(0)
+    dit = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES))).backbone
+    torch.manual_seed(0)
+    leaning = _trained_like(
+        LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, layout_head=True, layout_attention=True))
+    ).backbone
+    leaning.load_state_dict(dit.state_dict(), strict=False)  # same weights; the layout scales start at 0
+    x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 96)
+    text, mask = torch.randn(2, 5, 96), torch.ones(2, 5, dtype=torch.bool)
+    offsets = torch.zeros(2, 5, 2)
+    offsets[:, 1] = torch.tensor([-1.0, 0.0])  # token 1 names a left object
+    # Zero scales: no change (a float attention mask takes another kernel path: equal to rounding).
+    same = {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(leaning(x, c, text, mask, offsets), dit(x, c, text, mask), **same)
+    with torch.no_grad():
+        for block in leaning.blocks:
+            block.layout_scale.fill_(3.0)
+    no_place = leaning(x, c, text, mask, torch.zeros(2, 5, 2))
+    torch.testing.assert_close(no_place, dit(x, c, text, mask), **same)  # offsets 0: no lean
+    assert not torch.allclose(leaning(x, c, text, mask, offsets), dit(x, c, text, mask), atol=1e-3)
+
+
+def test_attention_bias_routes_queries_and_keeps_the_padding_out() -> None:
+    from lidit.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2)
+    x, context = torch.randn(1, 3, 16), torch.randn(1, 4, 16)
+    key_mask = torch.tensor([[True, True, True, False]])
+    bias = torch.zeros(1, 2, 3, 4)
+    torch.testing.assert_close(attn(x, context, key_mask, bias=bias), attn(x, context, key_mask))
+    only_key_1 = attn(x, context[:, 1:2])  # one key: what a query attending only to key 1 returns
+    bias[..., 1] = 50.0
+    routed = attn(x, context, key_mask, bias=bias)
+    torch.testing.assert_close(routed, only_key_1.expand_as(routed), atol=1e-4, rtol=1e-4)
+    bias[..., 3] = 100.0  # a padded key stays out whatever its bias
+    torch.testing.assert_close(attn(x, context, key_mask, bias=bias), routed)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from lidit.starter.layout import relation_layout_targets
+from lidit.starter.layout import layout_targets
 
 
 def _word_spans(caption: str) -> list[tuple[int, int]]:
@@ -34,17 +34,18 @@ def _relation_spec(relation: str = "left_of") -> dict:
 )
 def test_each_object_s_words_get_its_side(caption: str) -> None:
     spans = _word_spans(caption)
-    targets, mask = relation_layout_targets(caption, _relation_spec(), spans)
+    targets = layout_targets(caption, _relation_spec(), spans)
     words = caption.split()
+    assert targets.shape == (len(words), 2)
     # red square centre x 16, cyan circle 48, midpoint 32: -16 and +16 px, i.e. -1 and +1 quarter images.
-    side = {words[k]: targets[k, 0].item() for k in range(len(words)) if mask[k]}
+    side = {w: targets[k, 0].item() for k, w in enumerate(words)}
     assert side["red"] == side["square"] == pytest.approx(-1.0)
     assert side["cyan"] == side["circle"] == side["small"] == pytest.approx(1.0)
-    assert targets[mask, 1].abs().max().item() == pytest.approx(0.0)  # same height
-    assert not any(mask[k] for k, w in enumerate(words) if w in {"left", "right", "of", "with", "there"})
+    assert targets[:, 1].abs().max().item() == pytest.approx(0.0)  # same height
+    assert all(side[w] == 0.0 for w in ("left", "right", "of", "with", "there") if w in side)  # no place
 
 
-def test_scenes_without_a_relation_have_no_targets() -> None:
+def test_captions_without_a_relation_place_nothing() -> None:
     spec = {**_relation_spec(), "kind": "pair", "relation": None}
     caption = "a red square and a small cyan circle"
-    assert relation_layout_targets(caption, spec, _word_spans(caption)) is None
+    assert layout_targets(caption, spec, _word_spans(caption)).abs().sum() == 0
