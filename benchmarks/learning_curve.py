@@ -52,7 +52,11 @@ from training.step import HardNegatives, LayoutTargets, build_optimizer, step_ge
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-RECIPES = {"default": ROOT / "configs/starter/train.yaml", "long": ROOT / "configs/starter/train_long.yaml"}
+RECIPES = {
+    "default": ROOT / "configs/starter/train.yaml",
+    "long": ROOT / "configs/starter/train_long.yaml",
+    "long-layout": ROOT / "configs/starter/train_long_layout.yaml",
+}
 PROGRESS_EVERY = 100  # steps between progress lines
 CATEGORIES = ("overall", "colour", "shape", "binding", "count", "position")
 DIRECTIONS = ("rel_holds", "rel_inverse")  # relation scenes with both objects found

@@ -105,3 +105,16 @@ def test_an_eval_starter_without_held_out_prompts_fails_before_ray(
         ConfigError, match=r"tracking.eval_starter: no Parquet shards in .*lidit starter build"
     ):
         training.train.run_training(cfg)
+
+
+@pytest.mark.parametrize("name", ["train.yaml", "train_long.yaml", "train_long_layout.yaml"])
+def test_starter_recipes_build_their_generator(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every starter recipe validates and its model section builds a generator config (the layout recipe
+    too, which Ray training then refuses for want of cached layout targets)."""
+    from lidit.config import load_config
+    from training.loop import build_generator_config
+
+    monkeypatch.setenv("LIDIT_HOME", "/tmp/lidit-home")
+    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[2] / "configs" / "starter" / name, [])
+    gen = build_generator_config(cfg, FakeReader())
+    assert gen.layout_head == gen.layout_attention == (cfg.model.layout_weight > 0)
