@@ -31,7 +31,7 @@ def sincos_2d(dim: int, h: int, w: int, device: torch.device, dtype: torch.dtype
     return torch.cat(parts, dim=1).to(dtype)  # (N, dim)
 
 
-def image_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def token_positions(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Centre of every token of an h x w grid as (x, y) offsets from the image centre in quarter-image units
     (each in (-2, 2)), row-major like the token sequence: (h*w, 2)."""
     ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h * 4 - 2
@@ -161,7 +161,7 @@ class LiDiT(nn.Module):
         tokens = self.pos_block(tokens).flatten(2).transpose(1, 2)  # (B, N, D)
         layout_dot = None
         if text_layout is not None:
-            grid = image_grid(h, w, tokens.device, tokens.dtype)  # (N, 2)
+            grid = token_positions(h, w, tokens.device, tokens.dtype)  # (N, 2)
             layout_dot = torch.einsum("nk,bsk->bns", grid, text_layout.to(tokens.dtype))  # (B, N, S)
         for block in self.blocks:
             tokens = block(tokens, c, text, text_mask, layout_dot)
