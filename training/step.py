@@ -123,9 +123,8 @@ def train_step(
                 for t, n in zip(texts, negatives.texts, strict=True)
             ]
     use_layout = layout is not None and cfg.model.layout_weight > 0
-    if (
-        use_layout and neg_rows is not None
-    ):  # negative rows re-pad the prompt tokens the targets are aligned to
+    # Negative rows re-pad the prompt tokens, which the layout targets are aligned to.
+    if use_layout and neg_rows is not None:
         raise ValueError("layout targets and hard negatives cannot share a step yet")
     out = model(noisy.to(device), timesteps.to(device), texts, with_layout=use_layout)
     pred, layout_pred = out if use_layout else (out, None)
