@@ -56,8 +56,8 @@ class GeneratorConfig(StrictModel):
     timestep_channels: int = Field(256, ge=2)
     layout_head: bool = Field(
         False,
-        description="training-only head reading each fused prompt token's object position (text-side layout "
-        "supervision, not in the paper)",
+        description="head reading each fused prompt token's object position (text-side layout supervision, not "
+        "in the paper): trained by the layout loss, used at sampling only through layout_attention",
     )
     layout_attention: bool = Field(
         False,
