@@ -188,6 +188,11 @@ def prompt_words(prompt: str) -> list[str]:
     return _WORD.findall(prompt.lower())
 
 
+def prompt_word_spans(prompt: str) -> list[tuple[int, int]]:
+    """Character span of each of `prompt_words(prompt)`: `Mention` word indices map to text through it."""
+    return [m.span() for m in _WORD.finditer(prompt.lower())]
+
+
 def locate_mentions(prompt: str, spec: dict[str, Any]) -> list[Mention | None]:
     """Find each object group of `spec` in any prompt: `colour shape(s)` with its determiner and size words.
 

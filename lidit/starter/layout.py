@@ -11,15 +11,12 @@ steps, and with layout attention the generator places every found held-out pair 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
-from lidit.starter.captions import locate_mentions
+from lidit.starter.captions import locate_mentions, prompt_word_spans
 from lidit.starter.scenes import box_center
-
-_WORD = re.compile(r"[a-z0-9]+")  # the words `locate_mentions` counts (captions.prompt_words)
 
 
 def layout_targets(caption: str, spec: dict[str, Any], token_spans: list[tuple[int, int]]) -> torch.Tensor:
@@ -34,7 +31,7 @@ def layout_targets(caption: str, spec: dict[str, Any], token_spans: list[tuple[i
     targets = torch.zeros(len(token_spans), 2)
     if not spec.get("relation"):
         return targets
-    spans = [m.span() for m in _WORD.finditer(caption.lower())]
+    spans = prompt_word_spans(caption)
     size = float(spec["image_size"])
     centres = [box_center(obj["boxes"][0]) for obj in spec["objects"]]
     mid_x = sum(c[0] for c in centres) / len(centres)
