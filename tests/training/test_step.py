@@ -45,10 +45,10 @@ def _cfg() -> TrainConfig:
     )
 
 
-def _model() -> LiDiTGenerator:
+def _model(**overrides: object) -> LiDiTGenerator:
     torch.manual_seed(0)  # the same initial weights on every rank
     model = LiDiTGenerator(
-        GeneratorConfig.from_preset("tiny", BRANCHES, dim=32, depth=2, heads=2, refiner_depth=1)
+        GeneratorConfig.from_preset("tiny", BRANCHES, dim=32, depth=2, heads=2, refiner_depth=1, **overrides)
     )
     with torch.no_grad():  # adaLN-Zero outputs exactly 0 at init: give the zeroed layers weights
         for p in model.parameters():
@@ -252,15 +252,26 @@ def _hard_negative_cfg(weight: float, min_sigma: float = 0.0) -> TrainConfig:
     return plain.model_copy(update={"model": plain.model.model_copy(update=update)}, deep=True)
 
 
-def _step_grads(cfg: TrainConfig, negatives: HardNegatives | None) -> tuple[float, torch.Tensor]:
-    model = _model()
+def _step_grads(
+    cfg: TrainConfig,
+    negatives: HardNegatives | None = None,
+    layout: LayoutTargets | None = None,
+    **model_overrides: object,
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """One step's logged loss and every parameter's gradient (optimizer step and zeroing stubbed out)."""
+    model = _model(**model_overrides)
     optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
     latents, texts = _batch(0, 0)
     optim.step = lambda: None  # keep the gradients for the comparison  # noqa: E731
     optim.zero_grad = lambda set_to_none=True: None  # noqa: E731
-    out = train_step(model, optim, ema, latents, texts, cfg, 0, step_generator(0, 0, 0), None, negatives)
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    return out.loss.item(), grads
+    out = train_step(
+        model, optim, ema, latents, texts, cfg, 0, step_generator(0, 0, 0), None, negatives, layout
+    )
+    return out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
 
 
 def test_hard_negatives_change_the_objective_not_the_logged_loss() -> None:
@@ -268,44 +279,23 @@ def test_hard_negatives_change_the_objective_not_the_logged_loss() -> None:
     negatives = HardNegatives(
         torch.tensor([1]), [TextFeatures(t.states[1:], t.mask[1:], t.prefix_len) for t in texts]
     )
-    plain_loss, plain = _step_grads(_cfg(), None)
+    plain_loss, plain = _step_grads(_cfg())
     loss, grads = _step_grads(_hard_negative_cfg(1.0), negatives)
     assert loss == pytest.approx(plain_loss, rel=1e-5)  # the logged loss is the MSE in both
-    assert not torch.allclose(grads, plain)
+    assert not torch.allclose(_flat(grads), _flat(plain))
     # Off (weight 0) or every negative row below the noise floor: exactly the plain step.
-    assert torch.equal(_step_grads(_hard_negative_cfg(0.0), negatives)[1], plain)
-    assert torch.equal(_step_grads(_hard_negative_cfg(1.0, min_sigma=1.0), negatives)[1], plain)
+    assert torch.equal(_flat(_step_grads(_hard_negative_cfg(0.0), negatives)[1]), _flat(plain))
+    assert torch.equal(_flat(_step_grads(_hard_negative_cfg(1.0, min_sigma=1.0), negatives)[1]), _flat(plain))
 
 
-def _layout_model(layout_head: bool) -> LiDiTGenerator:
-    torch.manual_seed(0)
-    config = GeneratorConfig.from_preset(
-        "tiny", BRANCHES, dim=32, depth=2, heads=2, refiner_depth=1, layout_head=layout_head
-    )
-    model = LiDiTGenerator(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(std=0.05)
-    return model
-
-
-def _layout_grads(weight: float, layout: LayoutTargets | None) -> tuple[float, dict[str, torch.Tensor]]:
+def _layout_grads(weight: float, layout: LayoutTargets) -> tuple[float, dict[str, torch.Tensor]]:
     plain = _cfg()
     # No clipping: a clipped step rescales every gradient, the image path's too.
     update = {
         "model": plain.model.model_copy(update={"layout_weight": weight}),
         "optim": plain.optim.model_copy(update={"grad_clip": 1e9}),
     }
-    cfg = plain.model_copy(update=update, deep=True)
-    model = _layout_model(True)
-    optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
-    latents, texts = _batch(0, 0)
-    optim.step = lambda: None  # keep the gradients for the comparison  # noqa: E731
-    optim.zero_grad = lambda set_to_none=True: None  # noqa: E731
-    out = train_step(model, optim, ema, latents, texts, cfg, 0, step_generator(0, 0, 0), None, None, layout)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.loss.item(), grads
+    return _step_grads(plain.model_copy(update=update, deep=True), None, layout, layout_head=True)
 
 
 def _layout_targets(rows: int) -> LayoutTargets:
