@@ -173,13 +173,18 @@ class LiDiTGenerator(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Xavier for linear layers, then re-zero every adaLN / gate / output layer (adaLN-Zero)."""
+        """Xavier for linear layers, then re-zero every adaLN / gate / output layer (adaLN-Zero) and the layout
+        attention scales. Every parameter is set here or by its module's `reset_parameters`: a model
+        materialised from the meta device (`training.parallelize.init_weights`) has nothing else."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.null_token, std=0.02)
+        for module in self.modules():  # layout attention starts off: the DiT as without it
+            if getattr(module, "layout_scale", None) is not None:
+                nn.init.zeros_(module.layout_scale)
         for module in self.modules():
             if hasattr(module, "reset_parameters") and module.__class__.__name__ == "AdaLN":
                 module.reset_parameters()
