@@ -23,8 +23,11 @@ MAX_PARTITIONS = 16
 _SCHEMA = pa.schema([("id", pa.string()), ("order", pa.int64())])
 
 
-def partition_ids(index: int, rows: RowRange, storage_options: dict, partitions: int) -> list[pa.Table]:
-    """(id, order) of a range's rows with an id, split into `partitions` tables by a stable hash of the id."""
+def partition_ids(
+    index: int, rows: RowRange, storage_options: dict, partitions: int
+) -> list[pa.Table] | pa.Table:
+    """(id, order) of a range's rows with an id, split into `partitions` tables by a stable hash of the id
+    (one table, not a list of one, when `partitions` is 1: Ray's `num_returns=1` returns the value as is)."""
     ids = read_ids(open_location(rows.source_uri, storage_options), rows)
     parts: list[tuple[list[str], list[int]]] = [([], []) for _ in range(partitions)]
     base = index << ROW_BITS
@@ -33,7 +36,8 @@ def partition_ids(index: int, rows: RowRange, storage_options: dict, partitions:
             p = zlib.crc32(rid.encode()) % partitions
             parts[p][0].append(rid)
             parts[p][1].append(base | offset)
-    return [pa.table([pa.array(i, pa.string()), pa.array(o, pa.int64())], schema=_SCHEMA) for i, o in parts]
+    tables = [pa.table([pa.array(i, pa.string()), pa.array(o, pa.int64())], schema=_SCHEMA) for i, o in parts]
+    return tables[0] if partitions == 1 else tables
 
 
 def later_occurrences(*parts: pa.Table) -> np.ndarray:
