@@ -42,13 +42,12 @@ from lidit.objectives import flow_targets, training_targets
 from lidit.pipeline import LiDiTPipeline
 from lidit.starter import heldout_prompts, iter_split, read_summary
 from lidit.starter.captions import relation_negative, swap_relation_words
-from lidit.starter.layout import layout_targets
 from training.config import TrainConfig
-from training.data import head_rows, rank_batch_tables
-from training.loop import build_generator_config, select_branches
+from training.data import bucketed_batches, head_rows
+from training.loop import build_generator_config, select_branches, select_layout
 from training.parallelize import parallelize
 from training.state import EMA
-from training.step import HardNegatives, LayoutTargets, build_optimizer, step_generator, train_step
+from training.step import HardNegatives, build_optimizer, step_generator, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -161,38 +160,6 @@ def batch_negatives(
     return HardNegatives(torch.tensor(rows), texts)
 
 
-def caption_layouts(starter: Path, encoders: list[PromptEncoder]) -> dict[str, list[torch.Tensor]]:
-    """Row id -> per-branch (L, 2) layout targets of its prompt tokens (`lidit.starter.layout`), for every
-    training row. Built here, not read from the cache: the cache does not carry them yet."""
-    rows = [(r["id"], r["caption"], r["spec"]) for r in iter_split(starter, "train", decode=False)]
-    out: dict[str, list[torch.Tensor]] = {i: [] for i, _, _ in rows}
-    for encoder in encoders:
-        spans = encoder.token_spans([c for _, c, _ in rows])
-        for (i, caption, spec), token_spans in zip(rows, spans, strict=True):
-            out[i].append(layout_targets(caption, spec, token_spans))
-    print(f"[curve] layout targets for {len(out)} training rows", flush=True)
-    return out
-
-
-def batch_layout(
-    ids: list[str], layouts: dict[str, list[torch.Tensor]], texts: list[TextFeatures]
-) -> LayoutTargets:
-    """The `LayoutTargets` of one batch, padded like each branch's prompt tokens (padding masked)."""
-    targets, masks = [], []
-    for b, feats in enumerate(texts):
-        length = feats.states.shape[1] - feats.prefix_len
-        target = torch.zeros(len(ids), length, 2)
-        mask = torch.zeros(len(ids), length, dtype=torch.bool)
-        for row, i in enumerate(ids):
-            t = layouts[i][b]
-            if len(t) != int(feats.mask[row, feats.prefix_len :].sum()):
-                raise ValueError(f"row {i}: {len(t)} layout targets for a different number of prompt tokens")
-            target[row, : len(t)], mask[row, : len(t)] = t, True
-        targets.append(target)
-        masks.append(mask)
-    return LayoutTargets(targets, masks)
-
-
 # Noise levels of the relation preference: high, where sampling still decides the layout (below ~0.7 the noisy
 # input shows where the objects are, so any caption predicts about the same).
 PREFERENCE_SIGMAS = (0.8, 0.9, 0.97)
@@ -281,7 +248,12 @@ def run_curve(
     )
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
-    batches = rank_batch_tables(reader, cfg.batch_size, 0, 1, cfg.seed)  # bucketed_batches' tables (ids too)
+    use_layout = cfg.model.layout_weight > 0
+    if use_layout and not reader.has_layout:
+        raise SystemExit(
+            f"{reader.uri} has no layout targets: rebuild it (configs/starter/cache.yaml grounds them)"
+        )
+    batches = bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, layout=use_layout)
     fixed = head_rows(reader, 64)
     fixed_latents, fixed_texts, _ = batch_to_training_inputs(fixed, reader)
     fixed_texts = select_branches(fixed_texts, reader, names)
@@ -290,7 +262,6 @@ def run_curve(
     negatives = (
         relation_negatives(reader, starter, names, encoders) if cfg.model.hard_negative_weight > 0 else {}
     )
-    layouts = caption_layouts(starter, encoders) if cfg.model.layout_weight > 0 else {}
     heldout = heldout_prompts(starter, eval_cfg.prompts)
     seen = train_prompts(starter, eval_cfg.prompts)
     relations = preference_items(starter)
@@ -300,12 +271,12 @@ def run_curve(
     for budget in sorted(budgets):
         t0 = time.perf_counter()
         for step in range(done, budget):
-            latents, texts, ids = batch_to_training_inputs(next(batches)[2], reader)
-            texts = select_branches(texts, reader, names)
-            hard = batch_negatives(ids, negatives, reader, names) if negatives else None
-            layout = batch_layout(ids, layouts, texts) if layouts else None
+            batch = next(batches)
+            texts = select_branches(batch.texts, reader, names)
+            hard = batch_negatives(batch.ids, negatives, reader, names) if negatives else None
+            layout = select_layout(batch.layout, reader, names)
             draws = step_generator(cfg.seed, 0, step)
-            train_step(model, optim, ema, latents, texts, cfg, step, draws, device, hard, layout)
+            train_step(model, optim, ema, batch.latents, texts, cfg, step, draws, device, hard, layout)
             if (step + 1) % PROGRESS_EVERY == 0:
                 elapsed = time.perf_counter() - t0
                 eta = elapsed / (step + 1 - done) * (budget - step - 1)

@@ -89,8 +89,8 @@ def _worker(rank: int, world: int, candidate: str, args: argparse.Namespace, por
     names = cfg.model.encoders or reader.encoder_names
     per_rank = args.batch if single else args.batch // world
     batches, source = [], bucketed_batches(reader, per_rank, rank, world, cfg.seed)
-    for _, _, latents, texts in source:
-        batches.append((latents, select_branches(texts, reader, names)))
+    for batch in source:
+        batches.append((batch.latents, select_branches(batch.texts, reader, names)))
         if len(batches) == args.warmup + args.steps:
             break
     source.close()

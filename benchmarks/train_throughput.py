@@ -88,8 +88,8 @@ def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
     batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed)
-    for _, _, latents, texts in source:
-        batches.append((latents, select_branches(texts, reader, names)))
+    for batch in source:
+        batches.append((batch.latents, select_branches(batch.texts, reader, names)))
         if len(batches) == cfg.steps:
             break
     source.close()  # stops its read-ahead threads before the clock starts

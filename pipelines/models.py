@@ -14,6 +14,7 @@ from lidit.cache import contract as C
 from lidit.config import ConfigError, StrictModel
 from lidit.encoder import EncoderConfig
 from lidit.fingerprint import hash_json, hash_model_dir
+from lidit.layout import TARGETS_VERSION
 from pipelines.config import CacheBuildConfig, StageResources
 
 
@@ -25,6 +26,7 @@ class EncoderInfo(StrictModel):
     fingerprint: str
     group_fingerprint: str
     hidden_size: int
+    layout: bool
     dtype: C.StoredDType
     prefix_file: str
 
@@ -51,8 +53,9 @@ def describe_vae(path: str, latent_dtype: str, image: C.ImageSettings) -> C.VaeE
     )
 
 
-def describe_encoder(ec: EncoderConfig, states_dtype: str) -> EncoderInfo:
-    """An encoder's fingerprint (`PromptEncoder.fingerprint`) and width from its files; checks `layer`."""
+def describe_encoder(ec: EncoderConfig, states_dtype: str, layout: bool = False) -> EncoderInfo:
+    """An encoder's fingerprint (`PromptEncoder.fingerprint`) and width from its files; checks `layer`.
+    `layout`: its column group also holds the layout targets (a build with grounded sources)."""
     from transformers import AutoConfig
 
     from lidit.encoder import encoder_fingerprint
@@ -68,8 +71,12 @@ def describe_encoder(ec: EncoderConfig, states_dtype: str) -> EncoderInfo:
         name=ec.name,
         config=ec.model_dump(mode="json"),
         fingerprint=fp,
-        group_fingerprint=hash_json([fp, states_dtype])[:16],
+        # Caches without layout keep their old group fingerprints (and shards).
+        group_fingerprint=hash_json(
+            [fp, states_dtype, f"layout-{TARGETS_VERSION}"] if layout else [fp, states_dtype]
+        )[:16],
         hidden_size=int(text.hidden_size),
+        layout=layout,
         dtype=states_dtype,
         prefix_file=f"{C.PREFIX_DIR}/{ec.name}-{fp}.safetensors",
     )
@@ -85,7 +92,7 @@ def describe_models(cfg: CacheBuildConfig, image: C.ImageSettings) -> tuple[C.Va
 
     vae = ray.remote(describe_vae).options(**options(cfg.vae_stage)).remote(cfg.vae, cfg.latent_dtype, image)
     enc = ray.remote(describe_encoder).options(**options(cfg.encoder_stage))
-    encoders = [enc.remote(ec, cfg.states_dtype) for ec in cfg.encoders]
+    encoders = [enc.remote(ec, cfg.states_dtype, cfg.layout) for ec in cfg.encoders]
     try:
         return ray.get(vae), ray.get(encoders)
     except ray.exceptions.RayTaskError as exc:

@@ -96,6 +96,7 @@ def plan_build(
         image=image,
         encoders=[EncoderSpec(name=e.name, path=e.path, max_length=e.max_length) for e in cfg.encoders],
         groups=groups,
+        layout=cfg.layout,
     )
     previous = load_manifest(out)
     prev_by_unit = {s.unit: s for s in previous.shards} if previous else {}
@@ -137,7 +138,7 @@ def plan_build(
                 "content": content,
                 "range": [rows.start, rows.stop],
                 "dup": udup,
-                "source": sf.source.model_dump(mode="json", exclude={"uri"}),
+                "source": sf.source.unit_settings(),
                 "image": image.model_dump(mode="json"),
             }
         )[:24]

@@ -35,7 +35,7 @@ def write_shard(spec: BuildSpec, task: UnitTask, table: pa.Table) -> ShardResult
     table = table.sort_by(C.COL_SOURCE_ROW)
     bad_mask = pc.is_valid(table.column(COL_REASON))
     good, bad = table.filter(pc.invert(bad_mask)), table.filter(bad_mask)
-    schema = C.shard_schema(spec.encoder_names)
+    schema = C.shard_schema(spec.encoder_names, spec.layout)
     for col in schema.names:
         if good.column(col).null_count:
             raise RuntimeError(f"internal error: unit {task.name}: column {col} not computed for some rows")

@@ -11,7 +11,7 @@ import json
 import posixpath
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,9 +44,20 @@ class SourceConfig(StrictModel):
         "caption",
         description="Parquet column; for tars, the key in a sample's .json when it has no caption file",
     )
+    grounding_column: str | None = Field(
+        None,
+        description="Parquet: phrase boxes of each caption, [[start, end, x0, y0, x1, y1], ...] or that as JSON "
+        "(lidit.layout); any such source makes the cache store layout targets",
+    )
     caption_extension: str = Field(
         ".txt", description="image folders: caption file beside each image; tars: caption member of a sample"
     )
+
+    def unit_settings(self) -> dict[str, Any]:
+        """The settings that key this source's units (the URI is keyed with the content). A source without
+        grounding keys them as before grounding existed, so those caches stay valid."""
+        skip = {"uri"} | (set() if self.grounding_column else {"grounding_column"})
+        return self.model_dump(mode="json", exclude=skip)
 
 
 IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in webdataset.IMAGE_EXTENSIONS)  # image-folder suffixes
@@ -97,6 +108,8 @@ def discover(
     counts are memoised under `memo` (the cache root) by file fingerprint, so an unchanged tar is not rescanned."""
     loc = open_location(cfg.uri, storage_options)
     fmt = _detect_format(loc, cfg)
+    if cfg.grounding_column and fmt != "parquet":
+        raise ConfigError(f"sources: {cfg.uri}: grounding_column needs a Parquet source, this one is {fmt}")
     if not loc.fs.exists(loc.path):
         raise ConfigError(f"sources: source not found: {cfg.uri}")
     if fmt == "webdataset":
@@ -108,7 +121,9 @@ def discover(
             with loc.fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 names = pf.schema_arrow.names
-                for col in (cfg.image_column, cfg.caption_column):
+                for col in (cfg.image_column, cfg.caption_column, cfg.grounding_column):
+                    if col is None:
+                        continue
                     if col not in names:
                         raise ConfigError(
                             f"sources: {loc.uri_of(path)}: no column {col!r} (columns: {names})"
@@ -193,14 +208,23 @@ def read_ids(loc: Location, rows: RowRange) -> list[str | None]:
     return [_image_id(img) for img, _ in rows.files]
 
 
-UnitRows = tuple[list[str | None], list[Any], list[Any], dict[int, tuple[str, str]]]
+class UnitRows(NamedTuple):
+    """A unit's rows as its source holds them, read by the worker that decodes them."""
+
+    ids: list[str | None]
+    images: list[Any]
+    captions: list[Any]
+    flaws: dict[int, tuple[str, str]]  # row offset -> (quarantine reason, detail) the source already knows
+    groundings: list[Any] | None = None  # `grounding_column` values (Parquet sources that have one)
 
 
 def read_unit_rows(loc: Location, task: RowRange) -> UnitRows:
-    """Ids, image values, captions and known flaws (row offset -> (quarantine reason, detail)) of a unit's rows,
-    read by the worker that decodes them."""
+    """Ids, image values, captions, known flaws and groundings of a unit's rows."""
     if task.format == "parquet":
-        return (*read_parquet_rows(loc, task.path, task.source, task.start, task.stop), {})
+        ids, images, captions, groundings = read_parquet_rows(
+            loc, task.path, task.source, task.start, task.stop
+        )
+        return UnitRows(ids, images, captions, {}, groundings)
     if task.format == "webdataset":
         with loc.fs.open(task.path, "rb") as f:
             samples = webdataset.read_samples(
@@ -212,13 +236,15 @@ def read_unit_rows(loc: Location, task: RowRange) -> UnitRows:
                 task.seek,
             )
         flaws = {i: s.flaw for i, s in enumerate(samples) if s.flaw is not None}
-        return [s.id for s in samples], [s.image for s in samples], [s.caption for s in samples], flaws
+        return UnitRows(
+            [s.id for s in samples], [s.image for s in samples], [s.caption for s in samples], flaws
+        )
     ids, images, captions = [], [], []
     for img_path, cap_path in task.files:
         ids.append(_image_id(img_path))
         images.append(loc.read_bytes(img_path))
         captions.append(None if cap_path is None else _read_text(loc, cap_path))
-    return ids, images, captions, {}
+    return UnitRows(ids, images, captions, {})
 
 
 def _read_text(loc: Location, path: str) -> str:
@@ -227,8 +253,9 @@ def _read_text(loc: Location, path: str) -> str:
 
 def read_parquet_rows(
     loc: Location, path: str, cfg: SourceConfig, start: int, stop: int, ids_only: bool = False
-) -> tuple[list[str | None], list[Any], list[Any]]:
-    """Ids, image values and captions of rows [start, stop) of a Parquet file (reads only the row groups needed).
+) -> tuple[list[str | None], list[Any], list[Any], list[Any] | None]:
+    """Ids, image values, captions and groundings (None without a `grounding_column`) of rows [start, stop) of
+    a Parquet file (reads only the row groups needed).
 
     Ids are the `id_column` as strings, or `<file stem>-<row>` when the file has no such column.
     """
@@ -242,9 +269,11 @@ def read_parquet_rows(
                 first = offset if first is None else first
             offset += n
         if not groups:
-            return [], [], []
+            return [], [], [], None
         has_ids = bool(cfg.id_column) and cfg.id_column in pf.schema_arrow.names
         data = [] if ids_only else [cfg.image_column, cfg.caption_column]
+        if cfg.grounding_column and not ids_only:
+            data.append(cfg.grounding_column)
         columns = data + ([cfg.id_column] if has_ids else [])
         table: pa.Table | None = pf.read_row_groups(groups, columns=columns) if columns else None
     if has_ids:
@@ -254,6 +283,7 @@ def read_parquet_rows(
         stem = posixpath.splitext(posixpath.basename(path))[0]
         ids = [_id_or_default(stem, i) for i in range(start, stop)]
     if ids_only:
-        return ids, [], []
+        return ids, [], [], None
     table = table.slice(start - first, stop - start)
-    return ids, table.column(0).to_pylist(), table.column(1).to_pylist()
+    groundings = table.column(2).to_pylist() if cfg.grounding_column else None
+    return ids, table.column(0).to_pylist(), table.column(1).to_pylist(), groundings

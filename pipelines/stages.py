@@ -3,12 +3,14 @@
 
 A unit's rows travel as one Arrow table with the contract columns (null until computed) plus internal `_`
 columns: `_pixels` (bucket-sized RGB uint8 HWC bytes, dropped after the VAE), `_reason`/`_detail`
-(quarantine), and `_new_<group>` (True where this build computed the group; the summary counts them).
+(quarantine), `_grounding` (a build with layout: the row's grounding in its bucket crop, JSON; read by the
+encoder stage), and `_new_<group>` (True where this build computed the group; the summary counts them).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import warnings
@@ -23,12 +25,14 @@ from PIL import Image, UnidentifiedImageError
 
 from lidit.cache import contract as C
 from lidit.cache.storage import open_location
+from lidit.layout import crop_grounding, parse_grounding
 from pipelines.sources import read_unit_rows
 from pipelines.tasks import BuildSpec, UnitTask
 
 COL_PIXELS = "_pixels"
 COL_REASON = "_reason"
 COL_DETAIL = "_detail"
+COL_GROUNDING = "_grounding"
 
 
 def new_column(group: str) -> str:
@@ -36,15 +40,17 @@ def new_column(group: str) -> str:
     return f"_new_{group}"
 
 
-def group_columns(group: str) -> list[tuple[str, pa.DataType]]:
-    """Contract columns that make up a column group (`latents` or an encoder name)."""
+def group_columns(group: str, layout: bool = False) -> list[tuple[str, pa.DataType]]:
+    """Contract columns that make up a column group (`latents` or an encoder name; `layout`: encoder groups
+    hold the layout targets too)."""
     if group == C.LATENT_GROUP:
         return [
             (C.COL_LATENT, pa.binary()),
             (C.COL_LATENT_HEIGHT, pa.int32()),
             (C.COL_LATENT_WIDTH, pa.int32()),
         ]
-    return [(C.states_column(group), pa.binary()), (C.length_column(group), pa.int32())]
+    out = [(C.states_column(group), pa.binary()), (C.length_column(group), pa.int32())]
+    return out + [(C.layout_column(group), pa.binary())] if layout else out
 
 
 def set_column(table: pa.Table, name: str, values: list[Any], dtype: pa.DataType) -> pa.Table:
@@ -145,7 +151,7 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
     loc = open_location(task.source_uri, spec.storage_options)
     start, stop = task.start, task.stop
     n = stop - start
-    ids, images, captions, flaws = read_unit_rows(loc, task)
+    ids, images, captions, flaws, groundings = read_unit_rows(loc, task)
     dup = set(task.dup)
     img_cfg = spec.image
     buckets = [tuple(b) for b in img_cfg.buckets]
@@ -156,7 +162,7 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
     old: dict[str, dict[str, Any]] = {}
     if task.reuse_path:
         out_loc = open_location(spec.output_uri, spec.storage_options)
-        cols = [C.COL_ID] + [c for g in reuse_groups for c, _ in group_columns(g)]
+        cols = [C.COL_ID] + [c for g in reuse_groups for c, _ in group_columns(g, spec.layout)]
         with out_loc.fs.open(task.reuse_path, "rb") as f:
             prev = pq.read_table(f, columns=cols).to_pylist()
         old = {r[C.COL_ID]: r for r in prev}
@@ -165,10 +171,12 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
         k: []
         for k in (
             C.COL_ID, C.COL_CAPTION, C.COL_SOURCE_ROW, C.COL_WIDTH, C.COL_HEIGHT, C.COL_BUCKET,
-            C.COL_BUCKET_WIDTH, C.COL_BUCKET_HEIGHT, COL_PIXELS, COL_REASON, COL_DETAIL,
+            C.COL_BUCKET_WIDTH, C.COL_BUCKET_HEIGHT, COL_PIXELS, COL_REASON, COL_DETAIL, COL_GROUNDING,
         )
     }  # fmt: skip
-    group_vals: dict[str, dict[str, list[Any]]] = {g: {c: [] for c, _ in group_columns(g)} for g in groups}
+    group_vals: dict[str, dict[str, list[Any]]] = {
+        g: {c: [] for c, _ in group_columns(g, spec.layout)} for g in groups
+    }
     for i in range(n):
         rid, caption = ids[i], captions[i]
         row: dict[str, Any] = dict.fromkeys(cols)
@@ -184,6 +192,12 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
                 raise Rejected("empty_caption")
             im = decode_image(images[i], img_cfg.max_image_pixels, img_cfg.min_image_side)
             bw, bh = choose_bucket(im.width, im.height, buckets)
+            if spec.layout:
+                try:
+                    grounding = parse_grounding(groundings[i] if groundings else None, caption)
+                except ValueError as exc:
+                    raise Rejected("bad_grounding", str(exc)) from None
+                row[COL_GROUNDING] = json.dumps(crop_grounding(grounding, im.width, im.height, (bw, bh)))
             row.update(
                 {C.COL_WIDTH: im.width, C.COL_HEIGHT: im.height, C.COL_BUCKET: f"{bw}x{bh}"}
                 | {C.COL_BUCKET_WIDTH: bw, C.COL_BUCKET_HEIGHT: bh}
@@ -220,11 +234,12 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
         C.COL_ID: pa.string(), C.COL_CAPTION: pa.string(), C.COL_SOURCE_ROW: pa.int64(), C.COL_WIDTH: pa.int32(),
         C.COL_HEIGHT: pa.int32(), C.COL_BUCKET: pa.string(), C.COL_BUCKET_WIDTH: pa.int32(),
         C.COL_BUCKET_HEIGHT: pa.int32(), COL_PIXELS: pa.binary(), COL_REASON: pa.string(), COL_DETAIL: pa.string(),
+        COL_GROUNDING: pa.string(),
     }  # fmt: skip
     arrays = {k: pa.array(v, type=types[k]) for k, v in cols.items()}
     arrays[C.COL_SOURCE] = pa.array([task.source_uri] * n, type=pa.string())
     for g in groups:
-        for c, t in group_columns(g):
+        for c, t in group_columns(g, spec.layout):
             arrays[c] = pa.array(group_vals[g][c], type=t)
         arrays[new_column(g)] = pa.array([False] * n, type=pa.bool_())
     return pa.table(arrays)
@@ -297,7 +312,8 @@ class VaeStage(_BatchedStage):
 
 
 class EncoderStage(_BatchedStage):
-    """Actor: captions -> one encoder's prompt-token states (prefix shared, no padding stored)."""
+    """Actor: captions -> one encoder's prompt-token states (prefix shared, no padding stored), and with
+    `layout` each token's layout target from the row's grounding (`lidit.layout.grounding_targets`)."""
 
     def __init__(
         self,
@@ -308,6 +324,7 @@ class EncoderStage(_BatchedStage):
         device: str,
         threads: int | None,
         batch_size: int,
+        layout: bool = False,
     ) -> None:
         from lidit.encoder import EncoderConfig, PromptEncoder
         from pipelines.prefix import write_prefix
@@ -316,6 +333,7 @@ class EncoderStage(_BatchedStage):
         self.batch_size = batch_size
         self.encoder = PromptEncoder(EncoderConfig.model_validate(encoder_config), device=device)
         self.dtype = dtype
+        self.layout = layout
         if self.encoder.fingerprint != fingerprint:
             raise RuntimeError(
                 f"encoder {self.encoder.name}: model files changed since planning "
@@ -351,6 +369,26 @@ class EncoderStage(_BatchedStage):
         for i, x in zip(todo, enc.unpadded(), strict=True):
             states[i] = C.encode_tensor(x, self.dtype)
             lengths[i], new[i] = x.shape[0], True
+        if self.layout:
+            batch = self._add_layout(batch, todo, captions, lengths)
         batch = set_column(batch, s_col, states, pa.binary())
         batch = set_column(batch, l_col, lengths, pa.int32())
         return set_column(batch, new_column(name), new, pa.bool_())
+
+    def _add_layout(
+        self, batch: pa.Table, todo: list[int], captions: list[str], lengths: list[int]
+    ) -> pa.Table:
+        from lidit.layout import grounding_targets
+
+        col = C.layout_column(self.encoder.name)
+        layouts = batch.column(col).to_pylist()
+        groundings = batch.column(COL_GROUNDING).to_pylist()
+        spans = self.encoder.token_spans([captions[i] for i in todo])
+        for i, token_spans in zip(todo, spans, strict=True):
+            targets = grounding_targets(json.loads(groundings[i]), token_spans)
+            if len(targets) != lengths[i]:
+                raise RuntimeError(
+                    f"internal error: {len(targets)} layout targets for {lengths[i]} prompt states"
+                )
+            layouts[i] = C.encode_tensor(targets, C.LAYOUT_DTYPE)
+        return set_column(batch, col, layouts, pa.binary())

@@ -32,6 +32,7 @@ class BuildSpec(StrictModel):
     image: C.ImageSettings
     encoders: list[EncoderSpec] = Field(min_length=1, description="in manifest order")
     groups: dict[str, str] = Field(description="column group -> fingerprint, in output order")
+    layout: bool = Field(False, description="encoder groups also hold the layout targets")
 
     @property
     def encoder_names(self) -> list[str]:

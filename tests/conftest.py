@@ -39,7 +39,7 @@ def micro_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     out = tmp_path_factory.mktemp("train_cache") / "cache"
     cfg = CacheBuildConfig.model_validate(
         {
-            "sources": [{"uri": str(starter_micro.train_parquet)}],
+            "sources": [{"uri": str(starter_micro.train_parquet), "grounding_column": "grounding"}],
             "output": str(out),
             "vae": str(starter_micro.vae),
             "encoders": [

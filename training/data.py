@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -49,20 +49,34 @@ import pyarrow.parquet as pq
 import torch
 
 from lidit.cache import contract as C
-from lidit.cache.reader import CacheReader, batch_to_training_inputs
+from lidit.cache.reader import CacheReader, batch_layout_targets, batch_to_training_inputs
 from lidit.generator import TextFeatures
+from lidit.layout import LayoutTargets
 
 SHUFFLE_ROWS = 4096  # rows per shuffle window: the memory of a local shuffle buffer, per rank ~ this / world
 READ_AHEAD = 2  # blocks read ahead of need on background threads (pyarrow releases the GIL)
 INDEX_THREADS = 8  # parallel shard footers + bucket columns when indexing (latency-bound on S3)
 
 
-def training_columns(reader: CacheReader) -> list[str]:
-    """The columns training reads (no source bookkeeping, no captions)."""
+def training_columns(reader: CacheReader, layout: bool = False) -> list[str]:
+    """The columns training reads (no source bookkeeping, no captions; `layout`: the layout targets too)."""
     cols = [C.COL_ID, C.COL_LATENT, C.COL_LATENT_HEIGHT, C.COL_LATENT_WIDTH]
     for name in reader.encoder_names:
         cols += [C.states_column(name), C.length_column(name)]
+        if layout:
+            cols.append(C.layout_column(name))
     return cols
+
+
+class TrainingBatch(NamedTuple):
+    """One rank's batch of one step, and where it leaves the epoch (pass back to resume)."""
+
+    epoch: int
+    position: int
+    latents: torch.Tensor
+    texts: list[TextFeatures]  # one per encoder, manifest order
+    layout: LayoutTargets | None  # the same order; None unless asked for
+    ids: list[str]
 
 
 @dataclass(frozen=True, eq=False)
@@ -301,6 +315,7 @@ def rank_batch_tables(
     shuffle_rows: int = SHUFFLE_ROWS,
     read_ahead: int = READ_AHEAD,
     index: CacheIndex | None = None,
+    layout: bool = False,
 ) -> Iterator[tuple[int, int, pa.Table]]:
     """Endless (epoch, position, rows) of rank `rank`: its `per_worker` rows of each global batch, as Arrow.
 
@@ -311,7 +326,7 @@ def rank_batch_tables(
         raise ValueError(f"rank {rank} outside world of {world}")
     index = index or CacheIndex.build(reader)
     lo, hi = rank * per_worker, (rank + 1) * per_worker
-    store = RowStore(reader, index, training_columns(reader), read_ahead)
+    store = RowStore(reader, index, training_columns(reader, layout), read_ahead)
     plans = epoch_plans(index, per_worker * world, seed, shuffle_rows, start_epoch)
     plan, first = next(plans), skip
     if skip > len(plan.batches):
@@ -338,19 +353,21 @@ def bucketed_batches(
     seed: int,
     start_epoch: int = 0,
     skip: int = 0,
+    layout: bool = False,
     **options: Any,
-) -> Iterator[tuple[int, int, torch.Tensor, list[TextFeatures]]]:
-    """Endless (epoch, position, latents, texts) batches of `per_worker` rows of one bucket for one rank.
+) -> Iterator[TrainingBatch]:
+    """Endless batches of `per_worker` rows of one bucket for one rank (`layout`: with their layout targets).
 
     Every rank of a world gets the same number of batches per epoch (one slice of each global batch), so
     the training loop's one `next()` per step never waits on data another rank lacks. See the module
     docstring for the order; `options` go to `rank_batch_tables`.
     """
     for epoch, position, table in rank_batch_tables(
-        reader, per_worker, rank, world, seed, start_epoch, skip, **options
+        reader, per_worker, rank, world, seed, start_epoch, skip, layout=layout, **options
     ):
-        latents, texts, _ = batch_to_training_inputs(table, reader)
-        yield epoch, position, latents, texts
+        latents, texts, ids = batch_to_training_inputs(table, reader)
+        targets = batch_layout_targets(table, reader, texts) if layout else None
+        yield TrainingBatch(epoch, position, latents, texts, targets, ids)
 
 
 def head_rows(reader: CacheReader, n: int) -> Any:

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray.train
 import torch
@@ -34,12 +34,15 @@ from lidit.generator import (
     TextFeatures,
     count_parameters,
 )
+from lidit.layout import LayoutTargets
 from training.checkpoint import load_training_state, storage_reader, training_state
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
 from training.parallelize import build_parallel, resolve_strategy
 from training.state import EMA
 from training.step import MetricWindow, build_optimizer, step_generator, train_step
+
+T = TypeVar("T")
 
 
 def build_generator_config(cfg: TrainConfig, reader: CacheReader) -> GeneratorConfig:
@@ -59,9 +62,21 @@ def build_generator_config(cfg: TrainConfig, reader: CacheReader) -> GeneratorCo
     return GeneratorConfig.from_preset(cfg.model.preset, branches, **overrides)
 
 
-def select_branches(texts: list[TextFeatures], reader: CacheReader, names: list[str]) -> list[TextFeatures]:
+def select_branches(items: list[T], reader: CacheReader, names: list[str]) -> list[T]:
+    """The generator's branches (`names`, its order) of per-encoder items in the cache's manifest order."""
     index = {n: i for i, n in enumerate(reader.encoder_names)}
-    return [texts[index[n]] for n in names]
+    return [items[index[n]] for n in names]
+
+
+def select_layout(
+    layout: LayoutTargets | None, reader: CacheReader, names: list[str]
+) -> LayoutTargets | None:
+    """`select_branches` for a batch's layout targets."""
+    if layout is None:
+        return None
+    return LayoutTargets(
+        select_branches(layout.targets, reader, names), select_branches(layout.mask, reader, names)
+    )
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -117,7 +132,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if reason and rank == 0:
         print(f"[train] {reason}", flush=True)
     per_worker = cfg.batch_size // world
-    batches = bucketed_batches(reader, per_worker, rank, world, cfg.seed, epoch, position)
+    use_layout = cfg.model.layout_weight > 0
+    batches = bucketed_batches(reader, per_worker, rank, world, cfg.seed, epoch, position, layout=use_layout)
     fail_marker = Path(cfg.storage_path) / cfg.name / ".failed_once"
     window = MetricWindow()
     loss_value = float("nan")
@@ -133,11 +149,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # loses it and the group restarts from the checkpoint before. Die as a crash would, later.
                 time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) + 1.0)
                 os._exit(1)
-        epoch, position, latents, texts = next(batches)
-        texts = select_branches(texts, reader, names)
-        out = train_step(
-            model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, rank, step), device
-        )
+        batch = next(batches)
+        epoch, position = batch.epoch, batch.position
+        texts = select_branches(batch.texts, reader, names)
+        layout = select_layout(batch.layout, reader, names)
+        draws = step_generator(cfg.seed, rank, step)
+        out = train_step(model, optim, ema, batch.latents, texts, cfg, step, draws, device, layout=layout)
         window.add(out)
         done = step + 1
         train_state = torch.tensor([done, epoch, position], dtype=torch.long)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lidit.generator import TextFeatures
+from lidit.layout import LayoutTargets
 from lidit.objectives import NUM_TRAIN_TIMESTEPS, cfg_drop_mask, training_targets
 from training.config import TrainConfig
 from training.state import EMA, lr_at
@@ -30,14 +31,6 @@ class HardNegatives(NamedTuple):
 
     rows: torch.Tensor
     texts: list[TextFeatures]
-
-
-class LayoutTargets(NamedTuple):
-    """Per-token layout targets of a batch (`lidit.starter.layout`), one entry per generator branch in its
-    order: `targets` (B, L_b, 2) and `mask` (B, L_b) bool over that branch's padded prompt tokens."""
-
-    targets: list[torch.Tensor]
-    mask: list[torch.Tensor]
 
 
 class StepOutput(NamedTuple):

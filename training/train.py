@@ -141,16 +141,16 @@ def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
     from training.data import CacheIndex
     from training.loop import build_generator_config
 
-    # Terms that need per-row inputs the cache does not carry yet (the learning curve builds them itself).
-    for key, needs in (
-        ("hard_negative_weight", "negative captions"),
-        ("layout_weight", "per-token layout targets"),
-    ):
-        if getattr(cfg.model, key) > 0:
-            raise ConfigError(
-                f"model.{key}: the cache carries no {needs} yet, so Ray training cannot use them; set 0 "
-                "(measure them with benchmarks/learning_curve.py, which builds them itself)"
-            )
+    if cfg.model.hard_negative_weight > 0:  # the learning curve encodes its negatives itself
+        raise ConfigError(
+            "model.hard_negative_weight: the cache carries no negative captions yet, so Ray training cannot "
+            "use them; set 0 (measure them with benchmarks/learning_curve.py, which builds them itself)"
+        )
+    if cfg.model.layout_weight > 0 and not reader.has_layout:
+        raise ConfigError(
+            f"model.layout_weight: the cache {reader.uri} has no layout targets; set a source's "
+            "grounding_column and rebuild it (lidit cache build), or set 0"
+        )
     missing = [n for n in cfg.model.encoders or [] if n not in reader.encoder_names]
     if missing:
         raise ConfigError(

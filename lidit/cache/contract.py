@@ -30,6 +30,10 @@ Shard columns (one row per sample, rows in source order):
 - per encoder `E` (in manifest order): `states_E` (binary): the prompt tokens' hidden states (L, D), prefix
   excluded, no padding, raw little-endian bytes of `manifest.encoders[i].dtype`; `length_E` (int32): L.
   D is `manifest.encoders[i].hidden_size`.
+- per encoder `E` whose manifest entry has `layout: true` (a build with grounded sources): `layout_E`
+  (binary): per prompt token its layout target (L, 2) float16, the same L tokens as `states_E`
+  (`lidit.layout.grounding_targets`: the token's grounded object as an offset from the grounded objects'
+  midpoint in quarter-image units, after the bucket crop; 0 for tokens and captions without a stated place).
 
 Half precision is stored exactly: the tensor's bits are the bytes. float16 decodes with
 `numpy.frombuffer(b, numpy.float16)`; bfloat16 (no numpy dtype) with
@@ -123,6 +127,7 @@ QUARANTINE_REASONS = (
     "caption_too_long",  # more prompt tokens than an encoder's max_length
     "missing_id",
     "duplicate_id",  # a later row with an id seen before (the first occurrence is kept)
+    "bad_grounding",  # the grounding column's value is malformed or does not fit the caption
 )
 
 
@@ -136,8 +141,16 @@ def length_column(encoder: str) -> str:
     return f"length_{encoder}"
 
 
-def shard_schema(encoders: list[str]) -> pa.Schema:
-    """Arrow schema of a feature shard for encoders in manifest order."""
+def layout_column(encoder: str) -> str:
+    """Column of encoder `encoder`'s per-token layout targets (binary, one (L, 2) float16 tensor per row)."""
+    return f"layout_{encoder}"
+
+
+LAYOUT_DTYPE = "float16"  # layout targets are about +-2: float16 holds them to 1e-3
+
+
+def shard_schema(encoders: list[str], layout: bool = False) -> pa.Schema:
+    """Arrow schema of a feature shard for encoders in manifest order (`layout`: with their layout targets)."""
     fields = [
         pa.field(COL_ID, pa.string(), nullable=False),
         pa.field(COL_CAPTION, pa.string(), nullable=False),
@@ -155,6 +168,8 @@ def shard_schema(encoders: list[str]) -> pa.Schema:
     for name in encoders:
         fields.append(pa.field(states_column(name), pa.binary(), nullable=False))
         fields.append(pa.field(length_column(name), pa.int32(), nullable=False))
+        if layout:
+            fields.append(pa.field(layout_column(name), pa.binary(), nullable=False))
     return pa.schema(fields, metadata={b"lidit.contract_version": str(CONTRACT_VERSION).encode()})
 
 
@@ -233,6 +248,7 @@ class EncoderEntry(StrictModel):
     dtype: StoredDType = "float16"
     prefix_file: str = Field(description="path of the prefix safetensors, relative to the cache root")
     prefix_sha256: str
+    layout: bool = Field(False, description="the shards carry `layout_<name>` (grounded sources)")
 
 
 class ShardEntry(StrictModel):

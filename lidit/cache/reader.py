@@ -8,6 +8,7 @@
 `batch_to_training_inputs` accepts a pyarrow Table/RecordBatch or a dict of numpy arrays (what Ray Data's
 `iter_batches(batch_format="numpy")` yields) and returns float32 latents and one `TextFeatures` per encoder,
 in manifest order, built with the shared prefix. All rows of a batch must share a bucket (same latent size).
+`batch_layout_targets` decodes a cache's per-token layout targets (`CacheReader.has_layout`) to match them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lidit.cache import contract as C
 from lidit.cache.storage import Location, open_location
 from lidit.encoder import features_from_parts
 from lidit.generator import TextFeatures
+from lidit.layout import LayoutTargets
 
 
 class CacheNotFoundError(FileNotFoundError):
@@ -125,6 +127,11 @@ class CacheReader:
     def num_rows(self) -> int:
         return self.manifest.rows
 
+    @property
+    def has_layout(self) -> bool:
+        """Whether the shards carry per-token layout targets (`layout_<encoder>`: a build with grounded sources)."""
+        return all(e.layout for e in self.manifest.encoders)
+
     @cached_property
     def _prefixes(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -157,7 +164,7 @@ class CacheReader:
 
     def to_arrow(self, columns: list[str] | None = None) -> pa.Table:
         """All rows of this version as one Arrow table (shards in manifest order)."""
-        schema = C.shard_schema(self.encoder_names)
+        schema = C.shard_schema(self.encoder_names, self.has_layout)
         tables = [self._read(p, columns) for p in self.shard_paths()]
         if not tables:
             names = columns or schema.names
@@ -275,3 +282,25 @@ def batch_to_training_inputs(
         ]
         features.append(features_from_parts(reader.prefix_states(e.name).float(), states))
     return latents, features, ids
+
+
+def batch_layout_targets(batch: Any, reader: CacheReader, texts: list[TextFeatures]) -> LayoutTargets:
+    """The layout targets of a batch's prompt tokens, one entry per encoder in manifest order, padded like
+    `texts` (that batch's `batch_to_training_inputs` features): padding is masked out, every real token is a
+    target (0 where the caption states no place)."""
+    if not reader.has_layout:
+        raise ValueError(
+            f"cache {reader.uri} has no layout targets: build it with a source's grounding_column set"
+        )
+    targets, masks = [], []
+    for e, feats in zip(reader.manifest.encoders, texts, strict=True):
+        lengths = [int(x) for x in _column(batch, C.length_column(e.name))]
+        padded = feats.states.shape[1] - feats.prefix_len
+        target = torch.zeros(len(lengths), padded, 2)
+        mask = torch.zeros(len(lengths), padded, dtype=torch.bool)
+        for row, (b, n_tok) in enumerate(zip(_column(batch, C.layout_column(e.name)), lengths, strict=True)):
+            target[row, :n_tok] = C.decode_tensor(b, C.LAYOUT_DTYPE, (n_tok, 2)).float()
+            mask[row, :n_tok] = True
+        targets.append(target)
+        masks.append(mask)
+    return LayoutTargets(targets, masks)

@@ -3,7 +3,7 @@
 Layout of a built starter directory (names are a contract other stages read)::
 
     summary.json                     paths, sizes, fingerprints, quality numbers, config (written last)
-    data/{train,heldout}/part-NNNNN.parquet   columns STARTER_COLUMNS (image = PNG bytes, spec = JSON)
+    data/{train,heldout}/part-NNNNN.parquet   columns STARTER_COLUMNS (image = PNG bytes, spec and grounding = JSON)
     images/{train,heldout}/<id>.png + <id>.txt   the same rows as an image folder with caption files
     tokenizer/                       PreTrainedTokenizerFast (AutoTokenizer)
     lm_llama/, lm_qwen2/             save_pretrained causal LMs + tokenizer files (AutoModelForCausalLM)
@@ -35,12 +35,13 @@ from lidit.fingerprint import hash_files
 from lidit.starter.captions import caption_for
 from lidit.starter.config import StarterConfig, config_hash, starter_config
 from lidit.starter.evaluator import EvalReport, aggregate, control_reports, score_image
+from lidit.starter.layout import relation_grounding
 from lidit.starter.render import from_png, render, to_png
 from lidit.starter.scenes import SPLITS, heldout_combos, sample_scenes
 
 FORMAT_VERSION = 1
 SUMMARY_FILE = "summary.json"
-STARTER_COLUMNS: tuple[str, ...] = ("id", "image", "caption", "spec", "width", "height")
+STARTER_COLUMNS: tuple[str, ...] = ("id", "image", "caption", "spec", "grounding", "width", "height")
 STAGES: tuple[str, ...] = ("data", "tokenizer", "lm_llama", "lm_qwen2", "vae", "evaluator")
 _STAGE_PATHS: dict[str, list[str]] = {
     "data": ["data", "images"],
@@ -51,7 +52,7 @@ _STAGE_PATHS: dict[str, list[str]] = {
     "evaluator": [],
 }
 # Bumped when a stage's code changes what it writes, so old outputs are rebuilt rather than reused.
-_STAGE_VERSIONS = {"data": 2, "tokenizer": 1, "lm_llama": 1, "lm_qwen2": 1, "vae": 3, "evaluator": 2}
+_STAGE_VERSIONS = {"data": 3, "tokenizer": 1, "lm_llama": 1, "lm_qwen2": 1, "vae": 3, "evaluator": 2}
 _EVAL_LIMIT = 300  # images per split scored by the build's evaluator check
 
 
@@ -65,6 +66,7 @@ def starter_schema() -> Any:
             ("image", pa.binary()),
             ("caption", pa.string()),
             ("spec", pa.string()),
+            ("grounding", pa.string()),  # JSON phrase boxes of relation captions (lidit.layout), else []
             ("width", pa.int32()),
             ("height", pa.int32()),
         ]
@@ -276,6 +278,7 @@ def _stage_data(cfg: StarterConfig, out: Path, log: _Log) -> dict[str, Any]:
                     "image": png,
                     "caption": caption,
                     "spec": spec_json,
+                    "grounding": json.dumps(relation_grounding(caption, spec)),
                     "width": size,
                     "height": size,
                 }

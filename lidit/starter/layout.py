@@ -1,47 +1,29 @@
-"""Text-side layout targets: where each object named in a caption stands, per prompt token.
+"""The starter's grounded captions: which words of a caption name which object, for the layout targets
+(`lidit.layout`).
 
-An auxiliary training signal (ours, not the paper's; `model.layout_weight`, read by `GeneratorConfig.layout_head`
-and `layout_attention`). Plain denoising MSE carries little of a relation: at high noise the best prediction under
-"A left of B" is a blur over many layouts, and the `long` recipe placed 0.8 of held-out pairs the other way
-round (it followed which side those objects had in training). Told per token, the text path learns the relation
-and it generalises: the layout head reads the side right for 1.00 of the held-out relation captions by 5000
-steps, and with layout attention the generator places every found held-out pair the named way round
-(benchmarks/results/learning_curve.md, `long-layout`, `long-layout-attn`).
+Only relation captions state where their objects stand ("a red square to the left of a cyan circle"); every
+other caption gets no grounding, so its tokens' target is 0 ("no place": the objects were placed at random).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from lidit.layout import Grounding
 from lidit.starter.captions import locate_mentions, prompt_word_spans
-from lidit.starter.scenes import box_center
 
 
-def layout_targets(caption: str, spec: dict[str, Any], token_spans: list[tuple[int, int]]) -> torch.Tensor:
-    """Per-token targets of one caption: (L, 2) for its `L` tokens, every one of them a target.
-
-    In a relation caption, a token inside an object's mention (determiner, size, colour and shape words) gets
-    that object's centre as an offset from the midpoint of the named objects, in quarter-image units (x right,
-    y down; about +-1), so "A left of B" gives A's words a negative x and B's a positive one. Every other token,
-    and every token of a caption without a relation (where its objects stand is not in its words), gets 0: "no
-    place", which is also the best guess for objects placed at random.
-    """
-    targets = torch.zeros(len(token_spans), 2)
+def relation_grounding(caption: str, spec: dict[str, Any]) -> Grounding:
+    """`[start, end, x0, y0, x1, y1]` per object mention of a relation caption (its determiner, size, colour
+    and shape words; box normalised to the image), or `[]` for a caption without a relation."""
     if not spec.get("relation"):
-        return targets
+        return []
     spans = prompt_word_spans(caption)
     size = float(spec["image_size"])
-    centres = [box_center(obj["boxes"][0]) for obj in spec["objects"]]
-    mid_x = sum(c[0] for c in centres) / len(centres)
-    mid_y = sum(c[1] for c in centres) / len(centres)
+    out: Grounding = []
     for mention in locate_mentions(caption, spec):
         if mention is None:
             continue
-        start, end = spans[mention.word_start][0], spans[mention.word_end][1]
-        cx, cy = centres[mention.object_index]
-        for k, (a, b) in enumerate(token_spans):
-            if a < end and b > start:
-                targets[k] = torch.tensor([(cx - mid_x) * 4 / size, (cy - mid_y) * 4 / size])
-    return targets
+        x0, y0, x1, y1 = (v / size for v in spec["objects"][mention.object_index]["boxes"][0])
+        out.append((spans[mention.word_start][0], spans[mention.word_end][1], x0, y0, x1, y1))
+    return out

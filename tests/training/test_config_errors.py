@@ -29,6 +29,7 @@ class FakeReader:
 
     uri = "/caches/fake"
     encoder_names = ["llama", "qwen2"]
+    has_layout = False
     manifest = SimpleNamespace(
         encoder=lambda name: SimpleNamespace(hidden_size=32), vae=SimpleNamespace(latent_channels=4)
     )
@@ -69,7 +70,11 @@ def test_bad_value_exits_2_with_one_line(
         ({"overrides": {"heads": 5}}, "model.overrides", "divisible by heads 5"),
         ({"overrides": {"depht": 3}}, "model.overrides", "depht"),
         ({"hard_negative_weight": 1.0}, "model.hard_negative_weight", "no negative captions"),
-        ({"layout_weight": 0.5}, "model.layout_weight", "no per-token layout targets"),
+        (
+            {"layout_weight": 0.5},
+            "model.layout_weight",
+            "has no layout targets; set a source's grounding_column",
+        ),
     ],
 )
 def test_cache_dependent_errors_are_raised_before_ray(
@@ -109,8 +114,7 @@ def test_an_eval_starter_without_held_out_prompts_fails_before_ray(
 
 @pytest.mark.parametrize("name", ["train.yaml", "train_long.yaml", "train_long_layout.yaml"])
 def test_starter_recipes_build_their_generator(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every starter recipe validates and its model section builds a generator config (the layout recipe
-    too, which Ray training then refuses for want of cached layout targets)."""
+    """Every starter recipe validates and its model section builds a generator config."""
     from lidit.config import load_config
     from training.loop import build_generator_config
 

@@ -197,11 +197,29 @@ def test_bucketed_batches_decode_one_bucket_per_batch(bucket_cache: str) -> None
     reader = CacheReader(bucket_cache)
     channels = reader.manifest.vae.latent_channels
     got = list(islice(bucketed_batches(reader, PER_WORKER, 0, WORLD, SEED), 30))
-    shapes = {tuple(latents.shape) for _, _, latents, _ in got}
+    shapes = {tuple(batch.latents.shape) for batch in got}
     assert len(shapes) >= 3  # several buckets come through, each batch whole
-    for _, _, latents, texts in got:
-        assert latents.shape[:2] == (PER_WORKER, channels)
-        assert [t.states.shape[0] for t in texts] == [PER_WORKER] * len(reader.encoder_names)
+    for batch in got:
+        assert batch.latents.shape[:2] == (PER_WORKER, channels)
+        assert [t.states.shape[0] for t in batch.texts] == [PER_WORKER] * len(reader.encoder_names)
+        assert batch.layout is None and len(batch.ids) == PER_WORKER
+
+
+def test_layout_targets_come_padded_like_the_prompt_states(micro_cache: str) -> None:
+    """The micro cache is grounded (tests/conftest.py): its relation captions' tokens carry places."""
+    reader = CacheReader(micro_cache)
+    assert reader.has_layout
+    batches = bucketed_batches(reader, 8, 0, 1, SEED, layout=True)
+    placed = 0
+    for batch in islice(batches, 6):
+        assert batch.layout is not None and len(batch.layout.targets) == len(reader.encoder_names)
+        for texts, targets, mask in zip(batch.texts, batch.layout.targets, batch.layout.mask, strict=True):
+            assert targets.shape == (8, texts.states.shape[1] - texts.prefix_len, 2)
+            assert mask.equal(texts.mask[:, texts.prefix_len :])
+            assert targets[~mask].abs().sum() == 0
+            placed += int((targets.abs().sum(-1) > 0).any(-1).sum())
+    batches.close()
+    assert placed > 0
 
 
 def test_index_reports_untrainable_buckets(bucket_cache: str) -> None:

@@ -15,13 +15,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec, TextFeatures
+from lidit.layout import LayoutTargets
 from tests.ports import free_port
 from training.config import TrainConfig
 from training.parallelize import REPLICATE_MAX_PARAMS_CPU, parallelize, resolve_strategy
 from training.state import EMA, full_model_state
 from training.step import (
     HardNegatives,
-    LayoutTargets,
     MetricWindow,
     build_optimizer,
     contrastive_term,

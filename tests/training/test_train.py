@@ -150,12 +150,22 @@ def test_version_serves_from_a_second_home_with_models_elsewhere(
         LiDiTPipeline.from_pretrained(local)
 
 
+# The resume runs train the layout recipe's model on the grounded micro cache: its layout targets travel
+# through the Ray loop too, and resume must replay them like the rest of a step.
+LAYOUT_MODEL = {"layout_weight": 0.5, "overrides": {"layout_attention": True}}
+
+
 @pytest.fixture(scope="module")
 def straight_weights(micro_cache: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """EMA weights of an uninterrupted 8-step run: the reference for resumed and restarted runs."""
-    summary = run_training(_config(micro_cache, tmp_path_factory.mktemp("straight"), "straight"))
+    summary = run_training(
+        _config(micro_cache, tmp_path_factory.mktemp("straight"), "straight", model=LAYOUT_MODEL)
+    )
     assert summary["steps"] == 8
-    return _generator_weights(summary["mlflow_run_id"])
+    weights = _generator_weights(summary["mlflow_run_id"])
+    scales = [v for k, v in weights.items() if k.endswith("layout_scale")]
+    assert scales and all(s.abs().sum() > 0 for s in scales)  # zero-init: trained through the layout path
+    return weights
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -166,10 +176,10 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def test_resume_matches_uninterrupted_run(micro_cache: str, tmp_path: Path, straight_weights: dict) -> None:
-    first = run_training(_config(micro_cache, tmp_path, "resumed", stop_after=4))
+    first = run_training(_config(micro_cache, tmp_path, "resumed", stop_after=4, model=LAYOUT_MODEL))
     assert first["steps"] == 4 and first["model_version"] is None
     assert [p.name for p in (tmp_path / "runs" / "resumed").glob("step_*")] == ["step_000004"]
-    second = run_training(_config(micro_cache, tmp_path, "resumed"))
+    second = run_training(_config(micro_cache, tmp_path, "resumed", model=LAYOUT_MODEL))
     assert second["steps"] == 8
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run across both invocations
     _assert_same_weights(straight_weights, _generator_weights(second["mlflow_run_id"]))
@@ -178,7 +188,7 @@ def test_resume_matches_uninterrupted_run(micro_cache: str, tmp_path: Path, stra
 def test_killed_worker_restarts_from_checkpoint(
     micro_cache: str, tmp_path: Path, straight_weights: dict
 ) -> None:
-    summary = run_training(_config(micro_cache, tmp_path, "killed", fail_at_step=6))
+    summary = run_training(_config(micro_cache, tmp_path, "killed", fail_at_step=6, model=LAYOUT_MODEL))
     assert summary["steps"] == 8
     assert (tmp_path / "runs" / "killed" / ".failed_once").exists()  # a worker really died at step 6
     # Resumed, not started again: steps 1-4 are logged once (a restart from scratch logs them twice; the

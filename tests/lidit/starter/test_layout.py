@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from lidit.starter.layout import layout_targets
+from lidit.layout import grounding_targets
+from lidit.starter.layout import relation_grounding
 
 
 def _word_spans(caption: str) -> list[tuple[int, int]]:
@@ -33,8 +34,11 @@ def _relation_spec(relation: str = "left_of") -> dict:
     ],
 )
 def test_each_object_s_words_get_its_side(caption: str) -> None:
-    spans = _word_spans(caption)
-    targets = layout_targets(caption, _relation_spec(), spans)
+    grounding = relation_grounding(caption, _relation_spec())
+    assert sorted(caption[a:b] for a, b, *_ in grounding) == sorted(
+        [re.search(r"an? red square", caption)[0], re.search(r"an? small cyan circle", caption)[0]]
+    )
+    targets = grounding_targets(grounding, _word_spans(caption))
     words = caption.split()
     assert targets.shape == (len(words), 2)
     # red square centre x 16, cyan circle 48, midpoint 32: -16 and +16 px, i.e. -1 and +1 quarter images.
@@ -45,7 +49,6 @@ def test_each_object_s_words_get_its_side(caption: str) -> None:
     assert all(side[w] == 0.0 for w in ("left", "right", "of", "with", "there") if w in side)  # no place
 
 
-def test_captions_without_a_relation_place_nothing() -> None:
+def test_captions_without_a_relation_have_no_grounding() -> None:
     spec = {**_relation_spec(), "kind": "pair", "relation": None}
-    caption = "a red square and a small cyan circle"
-    assert layout_targets(caption, spec, _word_spans(caption)).abs().sum() == 0
+    assert relation_grounding("a red square and a small cyan circle", spec) == []
