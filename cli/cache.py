@@ -37,6 +37,7 @@ def _info(args: argparse.Namespace) -> int:
             f"  encoder {name}: {e['path']} layer {e['layer']}, max_length {e['max_length']}, "
             f"prefix {e['prefix_len']} tokens, hidden {e['hidden_size']}, stored {e['dtype']} "
             f"(computed {e['compute_dtype']}), fingerprint {e['fingerprint']}"
+            + (", with layout targets" if e["layout_targets"] else "")
         )
         print(
             f"    instruction: {e['instruction']!r}"

@@ -229,6 +229,7 @@ class CacheReader:
                     "prefix_len": e.prefix_len,
                     "hidden_size": e.hidden_size,
                     "dtype": e.dtype,
+                    "layout_targets": e.layout,
                     "fingerprint": e.fingerprint,
                 }
                 for e in m.encoders

@@ -58,6 +58,7 @@ def test_grounded_source_stores_layout_targets(cache_starter, ray_local, tmp_pat
     assert summary["quarantined"] == {"bad_grounding": 2}
     reader = CacheReader(summary["uri"])
     assert reader.has_layout and all(e.layout for e in reader.manifest.encoders)
+    assert all(e["layout_targets"] for e in reader.describe()["encoders"].values())  # `lidit cache info`
     quarantine = reader.quarantine()
     details = dict(zip(quarantine[C.COL_ID].to_pylist(), quarantine[C.COL_DETAIL].to_pylist(), strict=True))
     assert "outside the caption" in details["past_end"] and "not JSON" in details["not_json"]

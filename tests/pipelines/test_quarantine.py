@@ -112,6 +112,7 @@ def test_dirty_sources_quarantined_with_reasons(cache_starter, ray_local, tmp_pa
     assert llama["path"] == str(cache_starter.lm_llama) and llama["layer"] == -3 and llama["max_length"] == 64
     assert llama["prefix_len"] == reader.prefix_states("llama").shape[0] > 0 and llama["dtype"] == "float16"
     assert llama["instruction"] == reader.encoder_config("llama")["instruction"]
+    assert llama["layout_targets"] is False  # no grounded source
     assert info["vae"]["latent_shapes"]["64x64"] == [4, 16, 16]  # the 64x64 bucket's latents seen above
     assert lidit_main(["cache", "info", s["uri"]]) == 0
     text = capsys.readouterr().out
