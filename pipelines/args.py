@@ -15,7 +15,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
         "--source",
         action="append",
         metavar="URI",
-        help="replace the sources: Parquet, WebDataset .tar (file or folder) or image folder (repeatable)",
+        help="replace the sources: Parquet, WebDataset .tar (file or folder) or image folder (repeatable), with "
+        "default column names and no grounding_column (list sources in the YAML for those)",
     )
     p.add_argument(
         "--source-format",
