@@ -94,6 +94,15 @@ def make_grid(
     return grid
 
 
+def cover_crop(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, int, int, int]:
+    """How a `width` x `height` image becomes a `bucket` (w, h): resized to cover it, `(resized_w, resized_h)`,
+    then centre-cropped at `(left, top)`. The cache's pixels and its grounding boxes both follow this."""
+    bw, bh = bucket
+    s = max(bw / width, bh / height)
+    rw, rh = max(bw, math.ceil(width * s)), max(bh, math.ceil(height * s))
+    return rw, rh, (rw - bw) // 2, (rh - bh) // 2
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """PNG bytes of an image."""
     buf = io.BytesIO()

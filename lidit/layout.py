@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lidit.images import cover_crop
+
 # Bumped when `grounding_targets` changes what it computes: caches rebuild their layout columns.
 TARGETS_VERSION = 1
 
@@ -70,12 +72,10 @@ def parse_grounding(value: Any, caption: str) -> Grounding:
 
 def crop_grounding(grounding: Grounding, width: int, height: int, bucket: tuple[int, int]) -> Grounding:
     """The grounding of a `width` x `height` image in its bucket crop (resize to cover the bucket, then centre
-    crop: `pipelines.stages.resize_to_bucket`). Boxes stay in crop-normalised units; a phrase cut by the crop
-    may reach outside [0, 1], which the targets accept (its centre is still where it stands)."""
+    crop: `lidit.images.cover_crop`, as the cache's pixels). Boxes stay in crop-normalised units; a phrase cut by
+    the crop may reach outside [0, 1], which the targets accept (its centre is still where it stands)."""
     bw, bh = bucket
-    s = max(bw / width, bh / height)
-    rw, rh = max(bw, math.ceil(width * s)), max(bh, math.ceil(height * s))
-    left, top = (rw - bw) // 2, (rh - bh) // 2
+    rw, rh, left, top = cover_crop(width, height, bucket)
 
     def x(v: float) -> float:
         return (v * rw - left) / bw

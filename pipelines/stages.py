@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lidit.cache import contract as C
 from lidit.cache.storage import open_location
+from lidit.images import cover_crop
 from lidit.layout import crop_grounding, parse_grounding
 from pipelines.sources import read_unit_rows
 from pipelines.tasks import BuildSpec, UnitTask
@@ -119,11 +120,9 @@ def choose_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tu
 def resize_to_bucket(im: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
     """Resize to cover the bucket, then centre-crop: (H, W, 3) uint8."""
     bw, bh = bucket
-    s = max(bw / im.width, bh / im.height)
-    size = (max(bw, math.ceil(im.width * s)), max(bh, math.ceil(im.height * s)))
-    if size != im.size:
-        im = im.resize(size, Image.Resampling.BICUBIC)
-    left, top = (im.width - bw) // 2, (im.height - bh) // 2
+    rw, rh, left, top = cover_crop(im.width, im.height, bucket)
+    if (rw, rh) != im.size:
+        im = im.resize((rw, rh), Image.Resampling.BICUBIC)
     return np.asarray(im.crop((left, top, left + bw, top + bh)), dtype=np.uint8)
 
 
