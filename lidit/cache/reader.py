@@ -295,13 +295,12 @@ def batch_layout_targets(batch: Any, reader: CacheReader, texts: list[TextFeatur
         )
     targets, masks = [], []
     for e, feats in zip(reader.manifest.encoders, texts, strict=True):
-        lengths = [int(x) for x in _column(batch, C.length_column(e.name))]
-        padded = feats.states.shape[1] - feats.prefix_len
-        target = torch.zeros(len(lengths), padded, 2)
-        mask = torch.zeros(len(lengths), padded, dtype=torch.bool)
-        for row, (b, n_tok) in enumerate(zip(_column(batch, C.layout_column(e.name)), lengths, strict=True)):
+        mask = feats.mask[:, feats.prefix_len :]  # the prompt tokens, padded; a row's L = its count
+        target = torch.zeros(*mask.shape, 2)
+        for row, (b, n_tok) in enumerate(
+            zip(_column(batch, C.layout_column(e.name)), mask.sum(1).tolist(), strict=True)
+        ):
             target[row, :n_tok] = C.decode_tensor(b, C.LAYOUT_DTYPE, (n_tok, 2)).float()
-            mask[row, :n_tok] = True
         targets.append(target)
         masks.append(mask)
     return LayoutTargets(targets, masks)
