@@ -65,6 +65,7 @@ def test_grounded_source_stores_layout_targets(cache_starter, ray_local, tmp_pat
 
     table = reader.to_arrow()
     by_id = {r: k for k, r in enumerate(table[C.COL_ID].to_pylist())}
+    source_rows = {r[0]: r for r in rows}
     assert sorted(by_id) == ["empty", "listed", "square", "wide"]
     latents, texts, ids = batch_to_training_inputs(table, reader)
     layout = batch_layout_targets(table, reader, texts)
@@ -73,10 +74,8 @@ def test_grounded_source_stores_layout_targets(cache_starter, ray_local, tmp_pat
         spans = dict(zip(ids, encoder.token_spans(table[C.COL_CAPTION].to_pylist()), strict=True))
         lengths = table[C.length_column(name)].to_pylist()
         for rid, k in by_id.items():
-            grounding = parse_grounding(
-                rows[[r[0] for r in rows].index(rid)][3], table[C.COL_CAPTION][k].as_py()
-            )
-            width, height = rows[[r[0] for r in rows].index(rid)][1]
+            _, (width, height), caption, stored = source_rows[rid]
+            grounding = parse_grounding(stored, caption)
             expected = grounding_targets(crop_grounding(grounding, width, height, (64, 64)), spans[rid])
             assert layout.mask[b][k].sum() == lengths[k] == len(expected)
             torch.testing.assert_close(layout.targets[b][k, : lengths[k]], expected, atol=1e-3, rtol=1e-3)
