@@ -246,7 +246,9 @@ def _captions(cfg: StarterConfig, split: str, n: int) -> list[str]:
     held = heldout_combos(cfg.seed, cfg.data.heldout_fraction)
     return [
         caption_for(spec, cfg.seed, sid).text
-        for sid, spec in sample_scenes(cfg.seed, split, n, held, cfg.data.image_size, cfg.data.kind_weights)
+        for sid, spec in sample_scenes(
+            cfg.seed, split, n, held, cfg.data.image_size, cfg.data.kind_weights, cfg.data.grid
+        )
     ]
 
 
@@ -266,7 +268,7 @@ def _stage_data(cfg: StarterConfig, out: Path, log: _Log) -> dict[str, Any]:
         shard = 0
         kinds: Counter[str] = Counter()
         size = cfg.data.image_size
-        for sid, spec in sample_scenes(cfg.seed, split, n, held, size, cfg.data.kind_weights):
+        for sid, spec in sample_scenes(cfg.seed, split, n, held, size, cfg.data.kind_weights, cfg.data.grid):
             caption = caption_for(spec, cfg.seed, sid).text
             png = to_png(render(spec))
             (img_dir / f"{sid}.png").write_bytes(png)

@@ -35,6 +35,7 @@ class DataConfig(StrictModel):
         0.1, gt=0, le=0.14, description="share of (colour, shape, context) keys held out"
     )
     shard_rows: int = Field(1000, ge=1, description="rows per Parquet shard")
+    grid: int = Field(0, ge=0, description="object corners on multiples of this many pixels (0: anywhere)")
     kind_weights: dict[Literal["single", "count", "pair", "relation"], float] = Field(
         default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
         description="training-scene mix by kind (held-out scenes are count and relation scenes)",

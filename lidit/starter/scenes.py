@@ -135,11 +135,16 @@ def _overlaps(box: list[int], others: list[list[int]], gap: int) -> bool:
 
 
 def _place(
-    rng: random.Random, side: int, image_size: int, taken: list[list[int]], gap: int
+    rng: random.Random, side: int, image_size: int, taken: list[list[int]], gap: int, grid: int = 0
 ) -> list[int] | None:
     hi = image_size - _MARGIN - side
+    # On a grid, corners sit on its multiples (the border is the margin then); else anywhere inside the margin.
+    corners = list(range(0, image_size - side + 1, grid)) if grid else None
     for _ in range(200):
-        x0, y0 = rng.randint(_MARGIN, hi), rng.randint(_MARGIN, hi)
+        if corners:
+            x0, y0 = rng.choice(corners), rng.choice(corners)
+        else:
+            x0, y0 = rng.randint(_MARGIN, hi), rng.randint(_MARGIN, hi)
         box = [x0, y0, x0 + side, y0 + side]
         if not _overlaps(box, taken, gap):
             return box
@@ -147,13 +152,13 @@ def _place(
 
 
 def _place_relation(
-    rng: random.Random, side_a: int, side_b: int, relation: str, image_size: int, gap: int
+    rng: random.Random, side_a: int, side_b: int, relation: str, image_size: int, gap: int, grid: int
 ) -> tuple[list[int], list[int]] | None:
     # Clear separation: the along-axis centre distance is at least the half sides + gap + a few pixels, and the
     # across-axis offset at most half of it, so the relation is unambiguous by the evaluator's own test.
     for _ in range(400):
-        a = _place(rng, side_a, image_size, [], gap)
-        b = _place(rng, side_b, image_size, [a], gap) if a else None
+        a = _place(rng, side_a, image_size, [], gap, grid)
+        b = _place(rng, side_b, image_size, [a], gap, grid) if a else None
         if a is None or b is None:
             continue
         ca, cb = box_center(a), box_center(b)
@@ -171,7 +176,7 @@ def _pick_object(rng: random.Random, exclude_colours: set[str] = frozenset()) ->
     return {"colour": colour, "shape": rng.choice(SHAPES), "size": rng.choice(list(SIZES)), "count": 1}
 
 
-def _layout(rng: random.Random, spec: dict[str, Any]) -> bool:
+def _layout(rng: random.Random, spec: dict[str, Any], grid: int = 0) -> bool:
     """Fill in `boxes` for every object; False when the sampled sizes do not fit (caller resamples)."""
     size = spec["image_size"]
     objs = spec["objects"]
@@ -179,7 +184,7 @@ def _layout(rng: random.Random, spec: dict[str, Any]) -> bool:
     if rel:
         a, b = objs[rel["subject"]], objs[rel["object"]]
         placed = _place_relation(
-            rng, _side(a["size"], size), _side(b["size"], size), rel["relation"], size, _GAP
+            rng, _side(a["size"], size), _side(b["size"], size), rel["relation"], size, _GAP, grid
         )
         if placed is None:
             return False
@@ -189,7 +194,7 @@ def _layout(rng: random.Random, spec: dict[str, Any]) -> bool:
     for o in objs:
         o["boxes"] = []
         for _ in range(o["count"]):
-            box = _place(rng, _side(o["size"], size), size, taken, _GAP)
+            box = _place(rng, _side(o["size"], size), size, taken, _GAP, grid)
             if box is None:
                 return False
             taken.append(box)
@@ -241,6 +246,7 @@ def sample_scene(
     heldout: set[ComboKey],
     image_size: int = 64,
     kind_weights: dict[str, float] | None = None,
+    grid: int = 0,
 ) -> dict[str, Any]:
     """The scene spec number `index` of `split`, a pure function of its arguments.
 
@@ -261,7 +267,7 @@ def sample_scene(
             spec = _sample_kind(rng, kind, image_size)
             if combo_keys(spec) & heldout:
                 continue
-        if _layout(rng, spec):
+        if _layout(rng, spec, grid):
             return spec
     raise RuntimeError(f"could not lay out scene {split}/{index} (image_size={image_size} too small?)")
 
@@ -273,10 +279,11 @@ def sample_scenes(
     heldout: set[ComboKey],
     image_size: int = 64,
     kind_weights: dict[str, float] | None = None,
+    grid: int = 0,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """`(id, spec)` for the first `n` scenes of a split; ids are stable (`train-000042`)."""
     for i in range(n):
-        yield f"{split}-{i:06d}", sample_scene(seed, split, i, heldout, image_size, kind_weights)
+        yield f"{split}-{i:06d}", sample_scene(seed, split, i, heldout, image_size, kind_weights, grid)
 
 
 def describe(spec: dict[str, Any]) -> str:

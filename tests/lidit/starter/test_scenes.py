@@ -79,6 +79,23 @@ def test_layout_is_valid_and_relations_hold() -> None:
             assert spec["objects"][0]["colour"] != spec["objects"][1]["colour"]
 
 
+def test_grid_puts_every_box_corner_on_the_grid_and_leaves_the_default_scenes_alone() -> None:
+    gridded = [s for _, s in sample_scenes(0, "train", 400, HELD, 64, None, 8)]
+    gridded += [s for _, s in sample_scenes(0, "heldout", 100, HELD, 64, None, 8)]
+    corners = {c for s in gridded for o in s["objects"] for b in o["boxes"] for c in b[:2]}
+    assert corners <= set(range(0, 64, 8)) and {0, 8, 40} <= corners  # the border row/column is used too
+    for spec in gridded:
+        boxes = [b for o in spec["objects"] for b in o["boxes"]]
+        assert all(b[2] <= 64 and b[3] <= 64 for b in boxes)
+        for i, a in enumerate(boxes):  # the usual gap still holds
+            for b in boxes[i + 1 :]:
+                assert a[2] + 4 <= b[0] or b[2] + 4 <= a[0] or a[3] + 4 <= b[1] or b[3] + 4 <= a[1]
+    assert not any(combo_keys(s) & HELD for s in gridded[:400])
+    # grid 0 (the default) draws exactly the scenes it always drew
+    assert [s for _, s in sample_scenes(0, "train", 50, HELD, 64, None, 0)] == TRAIN[:50]
+    assert any(b[0] % 8 for s in TRAIN for o in s["objects"] for b in o["boxes"])
+
+
 def test_relation_holds_geometry() -> None:
     assert relation_holds((10, 30), (40, 32), "left_of", 2)
     assert relation_holds((40, 32), (10, 30), "right_of", 2)
