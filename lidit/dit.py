@@ -10,6 +10,7 @@ objects scattered in fragments; with the sin-cos grid they come out whole.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lidit.layers import MLP, AdaLN, Attention, modulate, sincos_1d
@@ -49,6 +50,28 @@ class ConvPositionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv(x)  # (B, D, h, w)
+
+
+class LatentResBlock(nn.Module):
+    """Residual block at latent resolution (GroupNorm, SiLU, 3x3 conv, twice); with `cond_dim`, the second
+    norm is modulated by the condition (scale and shift, zero at init) like a U-Net block's time embedding."""
+
+    def __init__(self, channels: int, cond_dim: int | None = None) -> None:
+        super().__init__()
+        groups = min(8, channels)
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.ada = AdaLN(cond_dim, channels, chunks=2) if cond_dim else None
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.ada is not None:
+            shift, scale = self.ada(c)  # (B, channels) each
+            h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return x + self.conv2(F.silu(h))
 
 
 class DiTBlock(nn.Module):
@@ -123,17 +146,29 @@ class LiDiT(nn.Module):
         qk_norm: bool = True,
         sincos_position: bool = True,
         layout_attention: bool = False,
+        conv_channels: int = 0,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.sincos_position = sincos_position
         self.patch_size = patch_size
-        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        # Optional latent-resolution conv stem and head (ours, not the paper's): the transformer works on
+        # p x p patches, the head draws within and across patch borders from its features plus the stem's
+        # (a U-Net-like skip of the noisy input at full resolution).
+        self.conv_channels = conv_channels
+        patch_in = conv_channels or in_channels
+        if conv_channels:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, conv_channels, 3, padding=1), LatentResBlock(conv_channels)
+            )
+            self.head = LatentResBlock(conv_channels, cond_dim=dim)
+            self.head_out = nn.Conv2d(conv_channels, in_channels, 3, padding=1)
+        self.patch_embed = nn.Conv2d(patch_in, dim, kernel_size=patch_size, stride=patch_size)
         self.pos_block = ConvPositionBlock(dim)
         self.blocks = nn.ModuleList(
             DiTBlock(dim, heads, mlp_ratio, qk_norm, layout_attention) for _ in range(depth)
         )
-        self.final = FinalLayer(dim, patch_size, in_channels)
+        self.final = FinalLayer(dim, patch_size, patch_in)
 
     def forward(
         self,
@@ -154,7 +189,8 @@ class LiDiT(nn.Module):
         if height % p or width % p:
             raise ValueError(f"latent size {height}x{width} is not divisible by patch size {p}")
         h, w = height // p, width // p
-        tokens = self.patch_embed(x)  # (B, D, h, w)
+        skip = self.stem(x) if self.conv_channels else None  # (B, K, H, W)
+        tokens = self.patch_embed(x if skip is None else skip)  # (B, D, h, w)
         if self.sincos_position:
             pos = sincos_2d(tokens.shape[1], h, w, tokens.device, tokens.dtype)  # (N, D)
             tokens = tokens + pos.T.reshape(1, -1, h, w)
@@ -165,6 +201,10 @@ class LiDiT(nn.Module):
             layout_dot = torch.einsum("nk,bsk->bns", grid, text_layout.to(tokens.dtype))  # (B, N, S)
         for block in self.blocks:
             tokens = block(tokens, c, text, text_mask, layout_dot)
-        out = self.final(tokens, c)  # (B, N, p*p*C)
-        out = out.view(b, h, w, p, p, self.in_channels)
-        return torch.einsum("bhwpqc->bchpwq", out).reshape(b, self.in_channels, height, width)
+        out = self.final(tokens, c)  # (B, N, p*p*C), C = conv_channels when the head is on
+        channels = self.conv_channels or self.in_channels
+        out = out.view(b, h, w, p, p, channels)
+        out = torch.einsum("bhwpqc->bchpwq", out).reshape(b, channels, height, width)
+        if skip is None:
+            return out
+        return self.head_out(self.head(out + skip, c))  # (B, C, H, W)

@@ -54,6 +54,12 @@ class GeneratorConfig(StrictModel):
     qk_norm: bool = True
     sincos_position: bool = Field(True, description="add a 2D sin-cos grid embedding before the conv block")
     timestep_channels: int = Field(256, ge=2)
+    conv_channels: int = Field(
+        0,
+        ge=0,
+        description="channels of a conv stem and head at latent resolution around the DiT (0: off; not in "
+        "the paper): the head draws shapes across patch borders, the stem's features skip to it",
+    )
     layout_head: bool = Field(
         False,
         description="head reading each fused prompt token's object position (text-side layout supervision, not "
@@ -169,6 +175,7 @@ class LiDiTGenerator(nn.Module):
             config.qk_norm,
             config.sincos_position,
             config.layout_attention,
+            config.conv_channels,
         )
         self.initialize_weights()
 
@@ -190,6 +197,9 @@ class LiDiTGenerator(nn.Module):
                 module.reset_parameters()
         nn.init.zeros_(self.backbone.final.linear.weight)
         nn.init.zeros_(self.backbone.final.linear.bias)
+        if self.backbone.conv_channels:  # the prediction starts at zero, as without the head
+            nn.init.zeros_(self.backbone.head_out.weight)
+            nn.init.zeros_(self.backbone.head_out.bias)
 
     def encode_text(
         self, texts: list[TextFeatures], t_emb: torch.Tensor

@@ -21,22 +21,25 @@ def _texts(
 
 def _trained_like(model: LiDiTGenerator) -> LiDiTGenerator:
     for name, p in model.named_parameters():
-        if "ada" in name or "gates" in name or "final.linear" in name:
+        if "ada" in name or "gates" in name or "final.linear" in name or "head_out" in name:
             torch.nn.init.normal_(p, std=0.1)
     return model
 
 
-def test_output_shape_and_zero_init() -> None:
-    model = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES))
+@pytest.mark.parametrize("conv_channels", [0, 16])
+def test_output_shape_and_zero_init(conv_channels: int) -> None:
+    model = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, conv_channels=conv_channels))
     x = torch.randn(2, 4, 16, 16)
     out = model(x, torch.tensor([10.0, 900.0]), _texts())
     assert out.shape == x.shape
-    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the final layer starts at zero
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the final layer (and the conv head's) starts at zero
 
 
+@pytest.mark.parametrize("conv_channels", [0, 16])
 @pytest.mark.parametrize("size", [(8, 8), (16, 24), (32, 16)])
-def test_any_latent_size_divisible_by_patch(size: tuple[int, int]) -> None:
-    model = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES)))
+def test_any_latent_size_divisible_by_patch(size: tuple[int, int], conv_channels: int) -> None:
+    config = GeneratorConfig.from_preset("tiny", BRANCHES, conv_channels=conv_channels)
+    model = _trained_like(LiDiTGenerator(config))
     x = torch.randn(1, 4, *size)
     assert model(x, torch.tensor([500.0]), _texts(b=1)).shape == x.shape
 
@@ -88,6 +91,7 @@ def test_empty_prompt_without_prefix_is_finite() -> None:
         {"refiner_position": True},
         {"layout_head": True},
         {"layout_head": True, "layout_attention": True},
+        {"conv_channels": 16},
     ],
 )
 def test_save_load_round_trip_is_exact(tmp_path, overrides: dict) -> None:

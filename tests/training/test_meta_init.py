@@ -32,9 +32,17 @@ BRANCHES = [
     TextBranchSpec(name="a", hidden_size=24),
     TextBranchSpec(name="b", hidden_size=16),
 ]
-# Every optional part on (layout head and attention), so each kind of parameter is materialised from meta.
+# Every optional part on (layout head and attention, conv stem and head), so each kind of parameter is materialised from meta.
 CONFIG = GeneratorConfig.from_preset(
-    "tiny", BRANCHES, dim=32, depth=2, heads=2, refiner_depth=1, layout_head=True, layout_attention=True
+    "tiny",
+    BRANCHES,
+    dim=32,
+    depth=2,
+    heads=2,
+    refiner_depth=1,
+    layout_head=True,
+    layout_attention=True,
+    conv_channels=8,
 )
 SEED = 5
 REPO = Path(__file__).resolve().parents[2]
