@@ -2,9 +2,11 @@
 
     LIDIT_HOME=/tmp/lidit_bench python benchmarks/train_throughput.py --cache /work/lh/cache \\
         [--steps 150] [--batch 32] [--runs auto:2x1 fsdp:2x1 replicate:1x2] [--threads 2]
+    ... --config configs/starter/train_long_layout.yaml --name train_throughput_layout   # the layout recipe
 
-Both sides run `training.step.train_step` (the one step function) on the starter training config
-(`configs/starter/train.yaml`: `tiny` preset, every encoder of the cache), the same batch and cache:
+Both sides run `training.step.train_step` (the one step function) on a training config (default the starter's,
+`configs/starter/train.yaml`: `tiny` preset, every encoder of the cache; a config with `model.layout_weight`
+also feeds both the batches' layout targets), the same batch and cache:
 
 - bare:   one process, `--threads` intra-op threads, no Ray and no data-parallel wrapper, on the same global
           batches in the same order as the run (`training.data.bucketed_batches` at world 1), decoded before
@@ -16,7 +18,8 @@ Both sides run `training.step.train_step` (the one step function) on the starter
           what the loop logs to MLflow every `tracking.log_every` steps.
 
 Both report the median over logging windows of `log_every` steps, leaving out the first window (start-up:
-Ray Train's worker group, first-step allocations). Writes benchmarks/results/train_throughput.{md,json} with
+Ray Train's worker group, first-step allocations). Writes benchmarks/results/NAME.{md,json} (`--name`,
+default train_throughput) with
 the machine, the box's load average before and after, and the command. The numbers only mean something on
 a quiet box: look at the recorded load.
 """
@@ -54,7 +57,7 @@ def load_avg() -> list[float]:
 
 
 def run_config(args: argparse.Namespace, name: str, strategy: str, workers: int) -> TrainConfig:
-    """The starter config at the benchmark's size; no registration and no sample grid (both after the clock)."""
+    """The config at the benchmark's size; no registration, sample grid or held-out scoring (all after the clock)."""
     overrides = [
         f"cache={args.cache}",
         f"name={name}",
@@ -67,6 +70,7 @@ def run_config(args: argparse.Namespace, name: str, strategy: str, workers: int)
         "tracking.experiment=lidit-bench-throughput",
         "tracking.registered_model=null",
         "tracking.num_samples=0",
+        "tracking.eval_starter=null",
     ]
     return load_config(TrainConfig, args.config, overrides)
 
@@ -81,28 +85,39 @@ def steady_rate(windows: list[float]) -> float:
 def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
     """`train_step` in a plain loop: one process, no Ray, no data-parallel wrapper, pre-decoded batches."""
     from training.data import bucketed_batches
-    from training.loop import build_generator_config, select_branches
+    from training.loop import build_generator_config, select_branches, select_layout
+    from training.parallelize import parallelize
 
     torch.set_num_threads(args.threads)
     cfg = run_config(args, "bare", "auto", 1)
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
-    batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed)
+    # The layout recipe's step also reads the batch's layout targets, as in the Ray loop.
+    use_layout = cfg.model.layout_weight > 0
+    batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, layout=use_layout)
     for batch in source:
-        batches.append((batch.latents, select_branches(batch.texts, reader, names)))
+        texts = select_branches(batch.texts, reader, names)
+        batches.append((batch.latents, texts, select_layout(batch.layout, reader, names)))
         if len(batches) == cfg.steps:
             break
     source.close()  # stops its read-ahead threads before the clock starts
     torch.manual_seed(cfg.seed)
     model = LiDiTGenerator(build_generator_config(cfg, reader))
+    # The loop's wrapping of one worker (scale.compile / activation_checkpointing per block, no replicas).
+    parallelize(
+        model,
+        None,
+        activation_checkpointing=cfg.scale.activation_checkpointing,
+        compile_blocks=cfg.scale.compile,
+        strategy="single",
+    )
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     window, rates, losses = MetricWindow(), [], []
     for step in range(cfg.steps):
-        latents, texts = batches[step]
-        window.add(
-            train_step(model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, 0, step))
-        )
+        latents, texts, layout = batches[step]
+        draws = step_generator(cfg.seed, 0, step)
+        window.add(train_step(model, optim, ema, latents, texts, cfg, step, draws, layout=layout))
         if (step + 1) % cfg.tracking.log_every == 0:
             loss, _ = window.reduce()  # the same one read per window as the Ray loop
             steps = window.steps
@@ -154,9 +169,9 @@ def ray_run(args: argparse.Namespace, spec: str) -> dict[str, Any]:
     }
 
 
-def write_results(result: dict[str, Any]) -> str:
+def write_results(result: dict[str, Any], name: str) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     bare = result["bare"]
     lines = [
         "# Training throughput: Ray Train vs a bare loop of the same step",
@@ -164,6 +179,7 @@ def write_results(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}  ",
         f"Load average (1, 5, 15 min): {result['load_before']} before, {result['load_after']} after  ",
+        f"Config: `{result['config']}`  ",
         f"Model: `{result['preset']}` preset, {bare['params_M']}M parameters, encoders of the cache; batch "
         f"{result['batch']}, {result['steps']} steps; samples/s = median over {result['log_every']}-step "
         "windows after the first.",
@@ -180,7 +196,7 @@ def write_results(result: dict[str, Any]) -> str:
             f"{r['samples_per_s']} | {r['ratio']:.2f} | {', '.join(map(str, r['window_samples_per_s']))} |"
         )
     text = "\n".join(lines) + "\n"
-    (RESULTS / "train_throughput.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text)
     return text
 
 
@@ -199,6 +215,9 @@ def main() -> None:
         "--runs", nargs="*", default=["auto:2x1"], help="in-Ray runs, STRATEGY:WORKERSxTHREADS each"
     )
     parser.add_argument("--no-write", action="store_true", help="print only; keep the results files")
+    parser.add_argument(
+        "--name", default="train_throughput", help="results file stem (benchmarks/results/NAME.{md,json})"
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -229,6 +248,7 @@ def main() -> None:
         f"Python {platform.python_version()}",
         "load_before": load_before,
         "load_after": load_avg(),
+        "config": os.path.relpath(Path(args.config).resolve(), ROOT),
         "preset": cfg.model.preset,
         "batch": args.batch,
         "steps": args.steps,
@@ -237,7 +257,7 @@ def main() -> None:
         "bare": bare,
         "ray": runs,
     }
-    text = write_results(result) if not args.no_write else json.dumps(result, indent=2)
+    text = write_results(result, args.name) if not args.no_write else json.dumps(result, indent=2)
     print(text)
 
 
