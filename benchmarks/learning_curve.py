@@ -45,7 +45,7 @@ from lidit.starter.captions import relation_negative, swap_relation_words
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
 from training.loop import build_generator_config, select_branches, select_layout
-from training.parallelize import parallelize
+from training.parallelize import wrap_single_worker
 from training.state import EMA
 from training.step import HardNegatives, build_optimizer, step_generator, train_step
 
@@ -238,14 +238,7 @@ def run_curve(
     gen_config = build_generator_config(cfg, reader)
     torch.manual_seed(cfg.seed)
     model = LiDiTGenerator(gen_config).to(device)
-    # The loop's wrapping of one worker (scale.compile / activation_checkpointing on each block, no replicas).
-    parallelize(
-        model,
-        None,
-        activation_checkpointing=cfg.scale.activation_checkpointing,
-        compile_blocks=cfg.scale.compile,
-        strategy="single",
-    )
+    wrap_single_worker(model, cfg.scale)
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     use_layout = cfg.model.layout_weight > 0

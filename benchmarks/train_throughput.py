@@ -86,7 +86,7 @@ def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
     """`train_step` in a plain loop: one process, no Ray, no data-parallel wrapper, pre-decoded batches."""
     from training.data import bucketed_batches
     from training.loop import build_generator_config, select_branches, select_layout
-    from training.parallelize import parallelize
+    from training.parallelize import wrap_single_worker
 
     torch.set_num_threads(args.threads)
     cfg = run_config(args, "bare", "auto", 1)
@@ -103,14 +103,7 @@ def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
     source.close()  # stops its read-ahead threads before the clock starts
     torch.manual_seed(cfg.seed)
     model = LiDiTGenerator(build_generator_config(cfg, reader))
-    # The loop's wrapping of one worker (scale.compile / activation_checkpointing per block, no replicas).
-    parallelize(
-        model,
-        None,
-        activation_checkpointing=cfg.scale.activation_checkpointing,
-        compile_blocks=cfg.scale.compile,
-        strategy="single",
-    )
+    wrap_single_worker(model, cfg.scale)
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     window, rates, losses = MetricWindow(), [], []

@@ -31,6 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lidit.generator import GeneratorConfig, LiDiTGenerator
+from training.config import ScaleSection
 from training.state import clean_name
 
 Strategy = Literal["fsdp", "replicate", "single"]
@@ -103,6 +104,18 @@ def parallelize(
     elif strategy != "single":
         raise ValueError(f"unknown resolved strategy {strategy!r}")
     return model
+
+
+def wrap_single_worker(model: LiDiTGenerator, scale: ScaleSection) -> LiDiTGenerator:
+    """The loop's per-block wrapping (`scale.compile`, `scale.activation_checkpointing`) of one worker with no
+    data parallelism: what the Ray-free benchmarks apply, so they time the step the loop runs."""
+    return parallelize(
+        model,
+        None,
+        activation_checkpointing=scale.activation_checkpointing,
+        compile_blocks=scale.compile,
+        strategy="single",
+    )
 
 
 def build_parallel(
