@@ -5,6 +5,10 @@ Position: a 2D sin-cos embedding computed on the fly for the token grid at hand 
 latent size divisible by the patch size works, including sizes never seen in training), then the residual
 depthwise conv block. The conv alone (zero padding makes only the border tokens distinguishable) left single
 objects scattered in fragments; with the sin-cos grid they come out whole.
+
+Optional (`conv_channels` > 0, ours): a conv stem at latent resolution before the patchify and a conditioned
+conv head after the final layer, fed the stem's features as a skip (measured in
+benchmarks/results/learning_curve.md, recipes `grid8-conv32*`).
 """
 
 from __future__ import annotations
