@@ -242,14 +242,14 @@ def _lm_corpus_size(cfg: StarterConfig) -> int:
     return max(cfg.data.n_train, min(cfg.lm.steps * cfg.lm.batch_size, 50_000))
 
 
-def _captions(cfg: StarterConfig, split: str, n: int) -> list[str]:
+def _scenes(cfg: StarterConfig, split: str, n: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The first `n` scenes of a split as the config's data section draws them (LM corpus and images alike)."""
     held = heldout_combos(cfg.seed, cfg.data.heldout_fraction)
-    return [
-        caption_for(spec, cfg.seed, sid).text
-        for sid, spec in sample_scenes(
-            cfg.seed, split, n, held, cfg.data.image_size, cfg.data.kind_weights, cfg.data.grid
-        )
-    ]
+    return sample_scenes(cfg.seed, split, n, held, cfg.data.image_size, cfg.data.kind_weights, cfg.data.grid)
+
+
+def _captions(cfg: StarterConfig, split: str, n: int) -> list[str]:
+    return [caption_for(spec, cfg.seed, sid).text for sid, spec in _scenes(cfg, split, n)]
 
 
 def _stage_data(cfg: StarterConfig, out: Path, log: _Log) -> dict[str, Any]:
@@ -268,7 +268,7 @@ def _stage_data(cfg: StarterConfig, out: Path, log: _Log) -> dict[str, Any]:
         shard = 0
         kinds: Counter[str] = Counter()
         size = cfg.data.image_size
-        for sid, spec in sample_scenes(cfg.seed, split, n, held, size, cfg.data.kind_weights, cfg.data.grid):
+        for sid, spec in _scenes(cfg, split, n):
             caption = caption_for(spec, cfg.seed, sid).text
             png = to_png(render(spec))
             (img_dir / f"{sid}.png").write_bytes(png)

@@ -135,7 +135,7 @@ def _overlaps(box: list[int], others: list[list[int]], gap: int) -> bool:
 
 
 def _place(
-    rng: random.Random, side: int, image_size: int, taken: list[list[int]], gap: int, grid: int = 0
+    rng: random.Random, side: int, image_size: int, taken: list[list[int]], gap: int, grid: int
 ) -> list[int] | None:
     hi = image_size - _MARGIN - side
     # On a grid, corners sit on its multiples (the border is the margin then); else anywhere inside the margin.
@@ -176,7 +176,7 @@ def _pick_object(rng: random.Random, exclude_colours: set[str] = frozenset()) ->
     return {"colour": colour, "shape": rng.choice(SHAPES), "size": rng.choice(list(SIZES)), "count": 1}
 
 
-def _layout(rng: random.Random, spec: dict[str, Any], grid: int = 0) -> bool:
+def _layout(rng: random.Random, spec: dict[str, Any], grid: int) -> bool:
     """Fill in `boxes` for every object; False when the sampled sizes do not fit (caller resamples)."""
     size = spec["image_size"]
     objs = spec["objects"]
