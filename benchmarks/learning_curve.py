@@ -41,7 +41,7 @@ from lidit.generator import LiDiTGenerator, TextFeatures
 from lidit.objectives import flow_targets, training_targets
 from lidit.pipeline import LiDiTPipeline
 from lidit.starter import heldout_prompts, iter_split, read_summary
-from lidit.starter.captions import relation_negative, swap_relation_words
+from lidit.starter.captions import relation_negative, swap_attribute_words, swap_relation_words
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
 from training.loop import build_generator_config, select_branches, select_layout
@@ -160,35 +160,46 @@ def batch_negatives(
     return HardNegatives(torch.tensor(rows), texts)
 
 
-# Noise levels of the relation preference: high, where sampling still decides the layout (below ~0.7 the noisy
-# input shows where the objects are, so any caption predicts about the same).
-PREFERENCE_SIGMAS = (0.8, 0.9, 0.97)
+# Noise levels of each caption preference. Relations: high, where sampling still decides the layout (below ~0.7
+# the noisy input shows where the objects are, so any caption predicts about the same). Shape and colour words:
+# mid, where objects are placed but not yet drawn (a `long` model at 10000 steps: the loss gap under
+# shape-swapped captions peaks at sigma 0.6-0.8; near 1 nothing is placed yet, so shapes barely matter).
+PREFERENCE_SIGMAS = {"relation": (0.8, 0.9, 0.97), "shape": (0.6, 0.75, 0.9), "colour": (0.6, 0.75, 0.9)}
+PREFERENCE_ITEMS = {"relation": (500, 300), "shape": (200, 200), "colour": (200, 200)}  # held-out, train
 
 
-def relation_items(starter: Path, split: str, n: int) -> list[tuple[Any, str, str]]:
-    """(image, caption, caption with the relation words swapped) of the first `n` relation scenes of a split."""
+def swapped_items(starter: Path, split: str, n: int, words: str) -> list[tuple[Any, str, str]]:
+    """(image, caption, caption with its `words` swapped) of the first `n` scenes of a split that have such
+    words: relation scenes for "relation" (the relation said the other way round), any scene for "shape" /
+    "colour" (`swap_attribute_words`)."""
     out = []
     for row in iter_split(starter, split):
-        if row["spec"].get("relation"):
-            out.append((row["image"], row["caption"], swap_relation_words(row["caption"])))
-            if len(out) == n:
-                break
+        if words == "relation":
+            if not row["spec"].get("relation"):
+                continue
+            swapped = swap_relation_words(row["caption"])
+        else:
+            swapped = swap_attribute_words(row["caption"], words)
+        out.append((row["image"], row["caption"], swapped))
+        if len(out) == n:
+            break
     return out
 
 
 @torch.no_grad()
-def relation_preference(
+def caption_preference(
     model: LiDiTGenerator,
     cfg: TrainConfig,
     parts: tuple[Any, list[PromptEncoder]],
     items: list[tuple[Any, str, str]],
     device: str,
+    sigmas: tuple[float, ...],
 ) -> float | None:
-    """Share of relation images denoised better under their own caption than under the same caption with the
-    relation words swapped, at fixed noise, summed over `PREFERENCE_SIGMAS`: 1 = the relation words place the
-    objects, 0.5 = they are ignored, below 0.5 = the model prefers the other side (on held-out images: the
-    side the training data put those objects on). It needs no object drawn right, so it reads early and over
-    every relation scene, where position needs both objects found. Flow only (None otherwise)."""
+    """Share of images denoised better under their own caption than under the swapped one (`swapped_items`),
+    at fixed noise, summed over `sigmas`: 1 = the swapped words matter as the caption says, 0.5 = they are
+    ignored, below 0.5 = the model prefers the other words (for relations on held-out images: the side the
+    training data put those objects on). It needs no object drawn right, so it reads before the evaluator
+    does. Flow only (None otherwise)."""
     import numpy as np
 
     from lidit.pipeline import vae_to_latents
@@ -204,7 +215,7 @@ def relation_preference(
     for column in (1, 2):  # own caption, swapped
         texts = [e.features([item[column] for item in items]) for e in encoders]
         total = torch.zeros(len(items), device=device)
-        for sigma in PREFERENCE_SIGMAS:
+        for sigma in sigmas:
             flow = flow_targets(x0, noise, torch.full((len(items),), sigma, device=device))
             total += (
                 (model(flow.noisy, flow.timesteps, texts).float() - flow.target).square().flatten(1).mean(1)
@@ -257,7 +268,7 @@ def run_curve(
     )
     heldout = heldout_prompts(starter, eval_cfg.prompts)
     seen = train_prompts(starter, eval_cfg.prompts)
-    relations = preference_items(starter)
+    preference_sets = preference_items(starter)
     size = reader.manifest.image.resolution
 
     rows, trained_s, done = [], 0.0, 0
@@ -303,7 +314,7 @@ def run_curve(
                 generator, cfg, (vae, encoders), {"heldout": heldout, "train": seen}, eval_cfg, size, device
             )
         )
-        row["relation_preference"] = preferences(generator, cfg, (vae, encoders), relations, device)
+        row.update(preferences(generator, cfg, (vae, encoders), preference_sets, device))
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -311,12 +322,15 @@ def run_curve(
     return rows
 
 
-def preference_items(starter: Path) -> dict[str, list[tuple[Any, str, str]]]:
-    """The relation scenes `relation_preference` reads: every held-out one (500 held-out images hold ~300) and
-    as many training ones."""
+def preference_items(starter: Path) -> dict[str, dict[str, list[tuple[Any, str, str]]]]:
+    """What `caption_preference` reads per kind of swapped words and split (`PREFERENCE_ITEMS`): for relations
+    every held-out relation scene (500 held-out images hold ~300) and 300 training ones."""
     return {
-        "heldout": relation_items(starter, "heldout", 500),
-        "train": relation_items(starter, "train", 300),
+        words: {
+            "heldout": swapped_items(starter, "heldout", heldout, words),
+            "train": swapped_items(starter, "train", train, words),
+        }
+        for words, (heldout, train) in PREFERENCE_ITEMS.items()
     }
 
 
@@ -324,10 +338,17 @@ def preferences(
     generator: LiDiTGenerator,
     cfg: TrainConfig,
     parts: tuple[Any, list[PromptEncoder]],
-    items: dict[str, list[tuple[Any, str, str]]],
+    items: dict[str, dict[str, list[tuple[Any, str, str]]]],
     device: str,
-) -> dict[str, float | None]:
-    return {split: relation_preference(generator, cfg, parts, its, device) for split, its in items.items()}
+) -> dict[str, dict[str, float | None]]:
+    """Row fields `relation_preference`, `shape_preference`, `colour_preference`: {split: share}."""
+    return {
+        f"{words}_preference": {
+            split: caption_preference(generator, cfg, parts, its, device, PREFERENCE_SIGMAS[words])
+            for split, its in splits.items()
+        }
+        for words, splits in items.items()
+    }
 
 
 def score_splits(
@@ -366,7 +387,7 @@ def rescore(
         "heldout": heldout_prompts(starter, eval_cfg.prompts),
         "train": train_prompts(starter, eval_cfg.prompts),
     }
-    relations = preference_items(starter)
+    preference_sets = preference_items(starter)
     changed = []
     for row in rows:
         folder = saved / f"step_{row['steps']}"
@@ -378,8 +399,9 @@ def rescore(
         for split, new in scores.items():
             changed += [f"{row['steps']}/{split}/{k}" for k, v in row[split].items() if new.get(k) != v]
             row[split] = new
-        row["relation_preference"] = preferences(generator, cfg, parts, relations, device)
-        print(json.dumps({"steps": row["steps"], **scores, "pref": row["relation_preference"]}), flush=True)
+        prefs = preferences(generator, cfg, parts, preference_sets, device)
+        row.update(prefs)
+        print(json.dumps({"steps": row["steps"], **scores, **prefs}), flush=True)
     return changed
 
 
@@ -411,8 +433,9 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "| steps | samples | train s | held-out overall | colour | shape | binding | count | position "
             "| rel. holds | inverted | train-prompt overall | colour | shape | binding | count | position "
-            "| rel. holds | inverted | loss true | shuffled | none | rel. pref held-out | train |",
-            "|" + "---|" * 24,
+            "| rel. holds | inverted | loss true | shuffled | none | rel. pref held-out | train "
+            "| shape pref held-out | train | colour pref held-out | train |",
+            "|" + "---|" * 28,
         ]
         for r in rec["rows"]:
             h, t = r["heldout"], r["train"]
@@ -422,7 +445,11 @@ def markdown(results: dict[str, Any]) -> str:
                 + " | "
                 + " | ".join(fmt(t.get(k)) for k in (*CATEGORIES, *DIRECTIONS))
                 + f" | {r['loss_true']:.4f} | {r['loss_shuffled']:.4f} | {r['loss_none']:.4f} | "
-                + " | ".join(fmt((r.get("relation_preference") or {}).get(k)) for k in ("heldout", "train"))
+                + " | ".join(
+                    fmt((r.get(f"{words}_preference") or {}).get(split))
+                    for words in PREFERENCE_SIGMAS
+                    for split in ("heldout", "train")
+                )
                 + " |"
             )
         lines += [
@@ -431,7 +458,10 @@ def markdown(results: dict[str, Any]) -> str:
             "with the relation right / placed the other way round (n/a: rows measured before this column). "
             "rel. pref: share of relation images (all ~300 held-out ones; 300 training ones) denoised better "
             "under their caption than under it with the relation words swapped, at fixed noise levels 0.8-0.97 "
-            "(1 = the words place the objects, 0.5 = ignored, below 0.5 = the other side preferred).",
+            "(1 = the words place the objects, 0.5 = ignored, below 0.5 = the other side preferred). "
+            "shape / colour pref: the same on 200 held-out and 200 training images of any kind, their captions "
+            "with every shape / colour word swapped for another, at noise 0.6-0.9 (n/a: rows measured before "
+            "these columns).",
             "",
         ]
         ref = rec.get("reference") or {}

@@ -54,6 +54,12 @@ class ModelSection(StrictModel):
         "named in a relation caption stands, weighted by this (0 = off; needs per-token layout targets, so "
         "Ray-free learning-curve runs only for now)",
     )
+    foreground_weight: float = Field(
+        0.0,
+        ge=0,
+        description="count the loss on each image's objects (positions away from its background, dilated by one "
+        "latent pixel) 1 + this times as much as on the background (0 = plain MSE); the mean weight stays 1",
+    )
     encoders: list[str] | None = Field(None, description="subset of the cache's encoders (default: all)")
     fusion: Literal["collaborative", "concat"] = "collaborative"
     refiner_depth: int | None = Field(None, ge=0, description="override the preset; 0 = raw LLM states")

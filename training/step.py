@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from lidit.generator import TextFeatures
 from lidit.layout import LayoutTargets
-from lidit.objectives import NUM_TRAIN_TIMESTEPS, cfg_drop_mask, training_targets
+from lidit.objectives import NUM_TRAIN_TIMESTEPS, cfg_drop_mask, foreground_weights, training_targets
 from training.config import TrainConfig
 from training.state import EMA, lr_at
 
@@ -81,10 +81,10 @@ def train_step(
     negatives: HardNegatives | None = None,
     layout: LayoutTargets | None = None,
 ) -> StepOutput:
-    """One optimizer step on one batch: CFG dropout, noising, LR schedule, forward, MSE (minus the contrastive
-    term when `model.contrastive_weight` > 0, plus the hard-negative hinge and the layout term when given and
-    weighted), backward, clip, AdamW, EMA. The returned loss is the MSE alone, so runs with and without the
-    extra terms log comparable losses.
+    """One optimizer step on one batch: CFG dropout, noising, LR schedule, forward, MSE (weighted towards the
+    objects when `model.foreground_weight` > 0; minus the contrastive term when `model.contrastive_weight` > 0,
+    plus the hard-negative hinge and the layout term when given and weighted), backward, clip, AdamW, EMA. The
+    returned loss is the plain MSE alone, so runs with and without the extra terms log comparable losses.
 
     `latents` (B, C, H, W) and `texts` (one `TextFeatures` per generator branch, in its order) arrive on the
     CPU from the loader; random draws use the CPU `generator` so they do not depend on the device, and inputs
@@ -127,6 +127,9 @@ def train_step(
     target = targets.target.to(device).float()
     loss = F.mse_loss(pred, target)
     objective = loss
+    if cfg.model.foreground_weight > 0:
+        weights = foreground_weights(latents.to(device).float(), cfg.model.foreground_weight)
+        objective = (weights * (pred - target).square()).mean()
     if cfg.model.contrastive_weight > 0:
         objective = loss - cfg.model.contrastive_weight * contrastive_term(pred, target, drop.to(device))
     if neg_rows is not None:

@@ -162,6 +162,21 @@ def swap_relation_words(caption: str) -> str:
     )
 
 
+def swap_attribute_words(caption: str, attribute: str, seed: int = 0) -> str:
+    """The caption with every shape word (`attribute` "shape", plurals too) or colour word ("colour") replaced
+    by another shape or colour, a fixed draw per (seed, caption): the same scene said with other shapes or
+    colours. A model that reads those words denoises the image worse under the swapped caption."""
+    words = {"shape": SHAPES, "colour": tuple(COLOURS)}.get(attribute)
+    if words is None:
+        raise ValueError(f"attribute must be 'shape' or 'colour', got {attribute!r}")
+    rng = random.Random(f"{attribute}:{seed}:{caption}")
+
+    def other(match: re.Match[str]) -> str:
+        return rng.choice([w for w in words if w != match.group(1)]) + match.group(2)
+
+    return re.sub(r"\b(" + "|".join(words) + r")(s?)\b", other, caption)
+
+
 def relation_negative(caption: str, spec: dict[str, Any], heldout: set[ComboKey]) -> str | None:
     """A hard negative caption for a training image: its caption with the relation said the other way round.
 

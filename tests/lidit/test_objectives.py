@@ -7,6 +7,7 @@ from lidit.objectives import (
     SAMPLERS,
     cfg_drop_mask,
     ddpm_scheduler,
+    foreground_weights,
     make_scheduler,
     shift_sigmas,
     training_targets,
@@ -92,3 +93,24 @@ def test_flow_shift_trains_where_sampling_starts() -> None:
     torch.testing.assert_close(scheduler.sigmas[:5], shift_sigmas(u[:5], 3.0), atol=3e-3, rtol=0)
     with pytest.raises(ValueError, match="timestep sampling"):
         training_targets("flow", x0[:2], g, timestep_sampling="beta")
+
+
+def test_foreground_weights_count_objects_and_their_rim() -> None:
+    x0 = torch.full((2, 4, 12, 12), -0.3)  # a background that is not zero: measured from the median
+    x0[0, :, 4:7, 4:7] = 2.0  # one 3x3 object in image 0; image 1 is all background
+    weights = foreground_weights(x0, strength=4.0)
+    assert weights.shape == (2, 1, 12, 12)
+    assert weights.mean().item() == pytest.approx(1.0)
+    background = weights[1, 0, 0, 0].item()
+    rim = torch.zeros(12, 12, dtype=torch.bool)
+    rim[3:8, 3:8] = True  # the object dilated by one latent pixel: where another shape would differ
+    assert torch.allclose(weights[0, 0][rim], torch.tensor(5 * background))
+    assert torch.allclose(weights[0, 0][~rim], torch.tensor(background))
+    assert torch.allclose(weights[1], torch.tensor(background))
+    # A faint object counts in proportion to its distance from the background, up to `scale`.
+    x0[0, :, 4:7, 4:7] = -0.3 + 0.25  # channel-L2 distance 0.5 over 4 channels
+    faint = foreground_weights(x0, strength=4.0)
+    assert (faint[0, 0, 5, 5] / faint[1, 0, 0, 0]).item() == pytest.approx(3.0)
+    assert torch.equal(foreground_weights(x0, strength=0.0), torch.ones(2, 1, 12, 12))
+    with pytest.raises(ValueError, match="foreground strength"):
+        foreground_weights(x0, strength=-1.0)

@@ -256,12 +256,14 @@ def _step_grads(
     cfg: TrainConfig,
     negatives: HardNegatives | None = None,
     layout: LayoutTargets | None = None,
+    latents: torch.Tensor | None = None,
     **model_overrides: object,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """One step's logged loss and every parameter's gradient (optimizer step and zeroing stubbed out)."""
     model = _model(**model_overrides)
     optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
-    latents, texts = _batch(0, 0)
+    random_latents, texts = _batch(0, 0)
+    latents = random_latents if latents is None else latents
     optim.step = lambda: None  # keep the gradients for the comparison  # noqa: E731
     optim.zero_grad = lambda set_to_none=True: None  # noqa: E731
     out = train_step(
@@ -286,6 +288,26 @@ def test_hard_negatives_change_the_objective_not_the_logged_loss() -> None:
     # Off (weight 0) or every negative row below the noise floor: exactly the plain step.
     assert torch.equal(_flat(_step_grads(_hard_negative_cfg(0.0), negatives)[1]), _flat(plain))
     assert torch.equal(_flat(_step_grads(_hard_negative_cfg(1.0, min_sigma=1.0), negatives)[1]), _flat(plain))
+
+
+def _foreground_cfg(weight: float) -> TrainConfig:
+    plain = _cfg()
+    return plain.model_copy(update={"model": plain.model.model_copy(update={"foreground_weight": weight})})
+
+
+def test_foreground_weight_changes_the_objective_not_the_logged_loss() -> None:
+    scenes = torch.zeros(PER_RANK, 4, 8, 8)  # black canvases with one object each
+    scenes[0, :, 1:4, 2:5] = 1.5
+    scenes[1, :, 5:7, 4:8] = -2.0
+    plain_loss, plain = _step_grads(_cfg(), latents=scenes)
+    loss, grads = _step_grads(_foreground_cfg(4.0), latents=scenes)
+    assert loss == pytest.approx(plain_loss, rel=1e-5)  # the logged loss is the plain MSE in both
+    assert not torch.allclose(_flat(grads), _flat(plain))
+    assert torch.equal(_flat(_step_grads(_foreground_cfg(0.0), latents=scenes)[1]), _flat(plain))
+    # Nothing stands out from the background: uniform weights, the plain step up to rounding.
+    flat_scenes = torch.full((PER_RANK, 4, 8, 8), 0.7)
+    _, uniform = _step_grads(_foreground_cfg(4.0), latents=flat_scenes)
+    assert torch.allclose(_flat(uniform), _flat(_step_grads(_cfg(), latents=flat_scenes)[1]), atol=1e-7)
 
 
 def _layout_grads(weight: float, layout: LayoutTargets) -> tuple[float, dict[str, torch.Tensor]]:

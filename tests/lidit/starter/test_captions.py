@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from lidit.starter.captions import (
     OPPOSITE_RELATION_WORDS,
     caption_for,
@@ -11,6 +13,7 @@ from lidit.starter.captions import (
     prompt_words,
     relation_negative,
     relative_position,
+    swap_attribute_words,
     swap_relation_words,
 )
 from lidit.starter.scenes import INVERSE, combo_keys, heldout_combos, sample_scenes
@@ -109,3 +112,19 @@ def test_relation_negative_never_names_a_held_out_key() -> None:
     text = "a red circle left of a blue square"
     assert relation_negative(text, spec, set()) == "a red circle right of a blue square"
     assert relation_negative(text, spec, {("blue", "square", "left_of")}) is None  # the swap's inverse key
+
+
+def test_attribute_swaps_change_only_those_words() -> None:
+    caption = "two red circles to the left of a big blue square"
+    shapes = swap_attribute_words(caption, "shape")
+    words, swapped = caption.split(), shapes.split()
+    assert [i for i, (a, b) in enumerate(zip(words, swapped, strict=True)) if a != b] == [2, 10]
+    assert swapped[2] in {"squares", "triangles", "diamonds"}  # the plural stays plural
+    assert swapped[10] in {"circle", "triangle", "diamond"}
+    colours = swap_attribute_words(caption, "colour").split()
+    assert [i for i, (a, b) in enumerate(zip(words, colours, strict=True)) if a != b] == [1, 9]
+    assert colours[1] != "red" and colours[9] != "blue"
+    assert swap_attribute_words(caption, "shape") == shapes  # a fixed draw per caption
+    assert swap_attribute_words("a dark canvas", "colour") == "a dark canvas"
+    with pytest.raises(ValueError, match="attribute"):
+        swap_attribute_words(caption, "size")
