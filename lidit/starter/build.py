@@ -424,6 +424,16 @@ def _worker_stage(
     return metrics, time.perf_counter() - start, time.process_time() - cpu0
 
 
+# Data options added after starters were built, with the default that draws exactly what those builds drew: left
+# out of the stage keys at that default, so a new option does not rebuild (and retrain) every existing starter.
+_LATER_DATA_DEFAULTS: dict[str, Any] = {"grid": 0}
+
+
+def _data_key(data: dict[str, Any]) -> dict[str, Any]:
+    """The data section as stage keys see it (`_LATER_DATA_DEFAULTS` dropped where they hold)."""
+    return {k: v for k, v in data.items() if not (k in _LATER_DATA_DEFAULTS and v == _LATER_DATA_DEFAULTS[k])}
+
+
 def build_starter_assets(
     out_dir: str | Path, cfg: StarterConfig, preset: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -449,7 +459,7 @@ def build_starter_assets(
         "stages": {},
     }
     stages = summary["stages"]
-    data_keys = {"seed": cfg.seed, "data": cfg_dump["data"]}
+    data_keys = {"seed": cfg.seed, "data": _data_key(cfg_dump["data"])}
 
     def stage_key(stage: str) -> str:
         inputs: dict[str, Any]

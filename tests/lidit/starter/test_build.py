@@ -63,6 +63,12 @@ def test_second_build_reuses_everything_in_seconds(starter_micro) -> None:
     assert load_starter(starter_micro.root, verify=True).summary["fingerprints"] == before
 
 
+def test_stage_keys_of_builds_before_a_new_option_still_hold(starter_micro) -> None:
+    # The micro preset's data-stage key as builds before `data.grid` recorded it (and a default starter's,
+    # a3a9769cfc4ca65b): an option at its default must not rebuild the starters that exist.
+    assert starter_micro.summary["stages"]["data"]["key"] == "830432ebed9ca1ab"
+
+
 def test_verify_detects_changed_files(starter_micro, tmp_path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(starter_micro.root, copy)
