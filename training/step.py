@@ -131,7 +131,7 @@ def train_step(
         weights = foreground_weights(latents.to(device).float(), cfg.model.foreground_weight)
         objective = (weights * (pred - target).square()).mean()
     if cfg.model.contrastive_weight > 0:
-        objective = loss - cfg.model.contrastive_weight * contrastive_term(pred, target, drop.to(device))
+        objective = objective - cfg.model.contrastive_weight * contrastive_term(pred, target, drop.to(device))
     if neg_rows is not None:
         rows = neg_rows.to(device)
         term = hard_negative_term(pred[rows], pred_neg, target[rows], cfg.model.hard_negative_margin)

@@ -304,6 +304,18 @@ def test_foreground_weight_changes_the_objective_not_the_logged_loss() -> None:
     assert loss == pytest.approx(plain_loss, rel=1e-5)  # the logged loss is the plain MSE in both
     assert not torch.allclose(_flat(grads), _flat(plain))
     assert torch.equal(_flat(_step_grads(_foreground_cfg(0.0), latents=scenes)[1]), _flat(plain))
+    # Beside the contrastive term the weighting still applies (the term is subtracted from the weighted MSE).
+    both = {"foreground_weight": 4.0, "contrastive_weight": 0.05}
+    contrastive = {"contrastive_weight": 0.05}
+    plain_cfg = _cfg()
+    with_both, with_contrastive = (
+        plain_cfg.model_copy(update={"model": plain_cfg.model.model_copy(update=u)})
+        for u in (both, contrastive)
+    )
+    assert not torch.allclose(
+        _flat(_step_grads(with_both, latents=scenes)[1]),
+        _flat(_step_grads(with_contrastive, latents=scenes)[1]),
+    )
     # Nothing stands out from the background: uniform weights, the plain step up to rounding.
     flat_scenes = torch.full((PER_RANK, 4, 8, 8), 0.7)
     _, uniform = _step_grads(_foreground_cfg(4.0), latents=flat_scenes)
