@@ -41,7 +41,12 @@ from lidit.generator import LiDiTGenerator, TextFeatures
 from lidit.objectives import flow_targets, training_targets
 from lidit.pipeline import LiDiTPipeline
 from lidit.starter import heldout_prompts, iter_split, read_summary
-from lidit.starter.captions import relation_negative, swap_attribute_words, swap_relation_words
+from lidit.starter.captions import (
+    relation_negative,
+    shape_negative,
+    swap_attribute_words,
+    swap_relation_words,
+)
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
 from training.loop import build_generator_config, select_branches, select_layout
@@ -120,17 +125,21 @@ def sampling_parts(reader: CacheReader, names: list[str], device: str) -> tuple[
     return vae, [PromptEncoder(EncoderConfig.model_validate(reader.encoder_config(n)), device) for n in names]
 
 
-def relation_negatives(
-    reader: CacheReader, starter: Path, names: list[str], encoders: list[PromptEncoder]
+NEGATIVE_CAPTIONS = {"relation": relation_negative, "shape": shape_negative}
+
+
+def hard_negatives(
+    reader: CacheReader, starter: Path, names: list[str], encoders: list[PromptEncoder], kind: str
 ) -> dict[str, list[torch.Tensor]]:
     """Row id -> per-branch prompt states of its hard negative caption (`relation_negative`: the relation said
-    the other way round; none where that would name a held-out key), rounded through the cache's dtype so they
-    match what the cache stores for true captions. Computed here, not read from the cache: the cache does not
-    carry negative captions yet."""
+    the other way round; `shape_negative`: every shape word swapped; none where that would name a held-out
+    key), rounded through the cache's dtype so they match what the cache stores for true captions. Computed
+    here, not read from the cache: the cache does not carry negative captions yet."""
     summary = read_summary(starter) or {}
     held = {tuple(k) for k in summary["stages"]["data"]["metrics"]["heldout_combos"]}
+    negative = NEGATIVE_CAPTIONS[kind]
     pairs = [
-        (row["id"], relation_negative(row["caption"], row["spec"], held))
+        (row["id"], negative(row["caption"], row["spec"], held))
         for row in iter_split(starter, "train", decode=False)
     ]
     pairs = [(i, c) for i, c in pairs if c]
@@ -142,7 +151,7 @@ def relation_negatives(
             states = encoder.encode_prompts([c for _, c in chunk]).unpadded()
             for (i, _), x in zip(chunk, states, strict=True):
                 out[i].append(x.cpu().to(dtypes[name]).float())
-    print(f"[curve] {len(out)} training rows have a relation hard negative", flush=True)
+    print(f"[curve] {len(out)} training rows have a {kind} hard negative", flush=True)
     return out
 
 
@@ -264,7 +273,9 @@ def run_curve(
 
     vae, encoders = sampling_parts(reader, names, device)
     negatives = (
-        relation_negatives(reader, starter, names, encoders) if cfg.model.hard_negative_weight > 0 else {}
+        hard_negatives(reader, starter, names, encoders, cfg.model.hard_negative_kind)
+        if cfg.model.hard_negative_weight > 0
+        else {}
     )
     heldout = heldout_prompts(starter, eval_cfg.prompts)
     seen = train_prompts(starter, eval_cfg.prompts)

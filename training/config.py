@@ -31,9 +31,14 @@ class ModelSection(StrictModel):
     hard_negative_weight: float = Field(
         0.0,
         ge=0,
-        description="relation hard negatives: also train each relation row's prediction under its caption with the "
-        "relation said the other way round to miss the image by `hard_negative_margin` more than under the true "
-        "caption (0 = off; needs negative captions, so Ray-free learning-curve runs only for now)",
+        description="hard negatives: also train each row's prediction under a negative caption (see "
+        "`hard_negative_kind`) to miss the image by `hard_negative_margin` more than under the true caption "
+        "(0 = off; needs negative captions, so Ray-free learning-curve runs only for now)",
+    )
+    hard_negative_kind: Literal["relation", "shape"] = Field(
+        "relation",
+        description="which negative captions: `relation` (relation rows, the relation said the other way round) "
+        "or `shape` (every row, each shape word swapped for another)",
     )
     hard_negative_margin: float = Field(
         0.1,
@@ -46,6 +51,13 @@ class ModelSection(StrictModel):
         le=1,
         description="noise level from which the hard-negative term applies: below it the noisy input shows the "
         "layout, so the best prediction under either caption is nearly the same",
+    )
+    hard_negative_max_sigma: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="noise level up to which the hard-negative term applies: near pure noise nothing is placed "
+        "yet, so no prediction can tell two shapes apart",
     )
     layout_weight: float = Field(
         0.0,

@@ -105,7 +105,8 @@ def train_step(
     neg_rows = None
     if negatives is not None and cfg.model.hard_negative_weight > 0:
         level = timesteps[negatives.rows] / NUM_TRAIN_TIMESTEPS
-        keep = ~drop[negatives.rows] & (level >= cfg.model.hard_negative_min_sigma)
+        in_band = (level >= cfg.model.hard_negative_min_sigma) & (level <= cfg.model.hard_negative_max_sigma)
+        keep = ~drop[negatives.rows] & in_band
         if keep.any():
             # One forward over the batch and its negative rows: the tiny model is bound by per-op overhead.
             neg_rows = negatives.rows[keep]

@@ -192,6 +192,30 @@ def relation_negative(caption: str, spec: dict[str, Any], heldout: set[ComboKey]
     return swap_relation_words(caption)
 
 
+def shape_negative(caption: str, spec: dict[str, Any], heldout: set[ComboKey], seed: int = 0) -> str | None:
+    """A hard negative caption for a training image: its caption with every shape word swapped for another
+    (`swap_attribute_words`, the draw the shape preference uses).
+
+    None where an object group is not found in the caption (so the swapped spec is unknown) or where the
+    swapped caption names a held-out key: the negative must not put a held-out combination's words into
+    training.
+    """
+    mentions = locate_mentions(caption, spec)
+    if any(m is None for m in mentions):
+        return None
+    swapped = swap_attribute_words(caption, "shape", seed)
+    words = prompt_words(swapped)
+    singular = {PLURALS[s]: s for s in SHAPES} | {s: s for s in SHAPES}
+    objects = [
+        {**obj, "shape": singular[words[m.word_end]]}
+        for obj, m in zip(spec["objects"], mentions, strict=True)
+        if m is not None
+    ]
+    if combo_keys({**spec, "objects": objects}) & heldout:
+        return None
+    return swapped
+
+
 def caption_for(spec: dict[str, Any], seed: int, sample_id: str) -> Caption:
     """The caption of sample `sample_id`: a pure function of seed, id and spec."""
     digest = hashlib.sha256(f"caption:{seed}:{sample_id}".encode()).hexdigest()

@@ -246,9 +246,13 @@ def test_hard_negative_hinge_stops_once_the_negative_misses_by_the_margin() -> N
     assert hard_negative_term(pred, negative * 2, target, 0.1).item() == 0.0
 
 
-def _hard_negative_cfg(weight: float, min_sigma: float = 0.0) -> TrainConfig:
+def _hard_negative_cfg(weight: float, min_sigma: float = 0.0, max_sigma: float = 1.0) -> TrainConfig:
     plain = _cfg()
-    update = {"hard_negative_weight": weight, "hard_negative_min_sigma": min_sigma}
+    update = {
+        "hard_negative_weight": weight,
+        "hard_negative_min_sigma": min_sigma,
+        "hard_negative_max_sigma": max_sigma,
+    }
     return plain.model_copy(update={"model": plain.model.model_copy(update=update)}, deep=True)
 
 
@@ -288,6 +292,8 @@ def test_hard_negatives_change_the_objective_not_the_logged_loss() -> None:
     # Off (weight 0) or every negative row below the noise floor: exactly the plain step.
     assert torch.equal(_flat(_step_grads(_hard_negative_cfg(0.0), negatives)[1]), _flat(plain))
     assert torch.equal(_flat(_step_grads(_hard_negative_cfg(1.0, min_sigma=1.0), negatives)[1]), _flat(plain))
+    # ... or above the noise ceiling (row 1 draws a noise level above 0; the band [0, 0] holds none).
+    assert torch.equal(_flat(_step_grads(_hard_negative_cfg(1.0, max_sigma=0.0), negatives)[1]), _flat(plain))
 
 
 def _foreground_cfg(weight: float) -> TrainConfig:

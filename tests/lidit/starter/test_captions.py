@@ -13,6 +13,7 @@ from lidit.starter.captions import (
     prompt_words,
     relation_negative,
     relative_position,
+    shape_negative,
     swap_attribute_words,
     swap_relation_words,
 )
@@ -128,3 +129,31 @@ def test_attribute_swaps_change_only_those_words() -> None:
     assert swap_attribute_words("a dark canvas", "colour") == "a dark canvas"
     with pytest.raises(ValueError, match="attribute"):
         swap_attribute_words(caption, "size")
+
+
+def test_shape_negative_swaps_every_shape_and_never_names_a_held_out_key() -> None:
+    singular = {"circles": "circle", "squares": "square", "triangles": "triangle", "diamonds": "diamond"}
+    found = 0
+    for sid, spec in SAMPLES:
+        cap = caption_for(spec, 0, sid)
+        negative = shape_negative(cap.text, spec, HELD)
+        if negative is None:
+            continue
+        found += 1
+        words = negative.split()
+        objects = []
+        for m, obj in zip(cap.mentions, spec["objects"], strict=True):
+            shape = singular.get(words[m.word_end], words[m.word_end])
+            assert shape != obj["shape"], (cap.text, negative)
+            objects.append({**obj, "shape": shape})
+        assert not combo_keys({**spec, "objects": objects}) & HELD
+    assert found > 1000  # most rows have one (only held-out-naming swaps are dropped)
+    spec = {
+        "kind": "count",
+        "objects": [{"colour": "red", "shape": "circle", "count": 3}],
+        "relation": None,
+    }
+    negative = shape_negative("three red circles", spec, set())
+    assert negative is not None and negative.startswith("three red ") and negative != "three red circles"
+    swapped = negative.split()[-1].rstrip("s")
+    assert shape_negative("three red circles", spec, {("red", swapped, "x3")}) is None
