@@ -86,6 +86,16 @@ class ModelSection(StrictModel):
             raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
         return value
 
+    @model_validator(mode="after")
+    def _hard_negative_band(self) -> ModelSection:
+        # An empty band would silently train without the term the weight asks for.
+        if self.hard_negative_min_sigma > self.hard_negative_max_sigma:
+            raise ValueError(
+                f"hard_negative_min_sigma {self.hard_negative_min_sigma} is above hard_negative_max_sigma "
+                f"{self.hard_negative_max_sigma}: the hard-negative term would never apply"
+            )
+        return self
+
 
 class OptimSection(StrictModel):
     lr: float = Field(3e-4, gt=0)

@@ -207,9 +207,8 @@ def shape_negative(caption: str, spec: dict[str, Any], heldout: set[ComboKey], s
     words = prompt_words(swapped)
     singular = {PLURALS[s]: s for s in SHAPES} | {s: s for s in SHAPES}
     objects = [
-        {**obj, "shape": singular[words[m.word_end]]}
+        {**obj, "shape": singular[words[m.word_end]]}  # one word per word: the mentions' indices still hold
         for obj, m in zip(spec["objects"], mentions, strict=True)
-        if m is not None
     ]
     if combo_keys({**spec, "objects": objects}) & heldout:
         return None

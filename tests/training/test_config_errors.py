@@ -46,6 +46,8 @@ class FakeReader:
         ("model.objective=score", "model.objective", "flow"),
         ("scale.mixed_precision=fp8", "scale.mixed_precision", "'bf16'"),
         ("modle.preset=S", "modle", "unknown key"),
+        # The band's floor defaults to 0.7: a ceiling below it leaves the term nothing to apply to.
+        ("model.hard_negative_max_sigma=0.5", "model", "above hard_negative_max_sigma"),
     ],
 )
 def test_bad_value_exits_2_with_one_line(
