@@ -35,24 +35,19 @@ import torch.nn.functional as F
 
 from lidit.cache.reader import CacheReader, batch_to_training_inputs
 from lidit.config import lidit_home, load_config
-from lidit.encoder import EncoderConfig, PromptEncoder, features_from_parts
+from lidit.encoder import EncoderConfig, PromptEncoder
 from lidit.experiment import EvalSection, evaluate_pipeline, report_metrics
 from lidit.generator import LiDiTGenerator, TextFeatures
 from lidit.objectives import flow_targets, training_targets
 from lidit.pipeline import LiDiTPipeline
-from lidit.starter import heldout_prompts, iter_split, read_summary
-from lidit.starter.captions import (
-    relation_negative,
-    shape_negative,
-    swap_attribute_words,
-    swap_relation_words,
-)
+from lidit.starter import heldout_prompts, iter_split
+from lidit.starter.captions import swap_attribute_words, swap_relation_words
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
-from training.loop import build_generator_config, select_branches, select_layout
+from training.loop import build_generator_config, select_branches, select_layout, select_negatives
 from training.parallelize import wrap_single_worker
 from training.state import EMA
-from training.step import HardNegatives, build_optimizer, step_generator, train_step
+from training.step import build_optimizer, step_generator, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -123,50 +118,6 @@ def sampling_parts(reader: CacheReader, names: list[str], device: str) -> tuple[
 
     vae = AutoencoderKL.from_pretrained(reader.vae_path).to(device)
     return vae, [PromptEncoder(EncoderConfig.model_validate(reader.encoder_config(n)), device) for n in names]
-
-
-NEGATIVE_CAPTIONS = {"relation": relation_negative, "shape": shape_negative}
-
-
-def hard_negatives(
-    reader: CacheReader, starter: Path, names: list[str], encoders: list[PromptEncoder], kind: str
-) -> dict[str, list[torch.Tensor]]:
-    """Row id -> per-branch prompt states of its hard negative caption (`relation_negative`: the relation said
-    the other way round; `shape_negative`: every shape word swapped; none where that would name a held-out
-    key), rounded through the cache's dtype so they match what the cache stores for true captions. Computed
-    here, not read from the cache: the cache does not carry negative captions yet."""
-    summary = read_summary(starter) or {}
-    held = {tuple(k) for k in summary["stages"]["data"]["metrics"]["heldout_combos"]}
-    negative = NEGATIVE_CAPTIONS[kind]
-    pairs = [
-        (row["id"], negative(row["caption"], row["spec"], held))
-        for row in iter_split(starter, "train", decode=False)
-    ]
-    pairs = [(i, c) for i, c in pairs if c]
-    dtypes = {e.name: getattr(torch, e.dtype) for e in reader.manifest.encoders}
-    out: dict[str, list[torch.Tensor]] = {i: [] for i, _ in pairs}
-    for name, encoder in zip(names, encoders, strict=True):
-        for start in range(0, len(pairs), 256):
-            chunk = pairs[start : start + 256]
-            states = encoder.encode_prompts([c for _, c in chunk]).unpadded()
-            for (i, _), x in zip(chunk, states, strict=True):
-                out[i].append(x.cpu().to(dtypes[name]).float())
-    print(f"[curve] {len(out)} training rows have a {kind} hard negative", flush=True)
-    return out
-
-
-def batch_negatives(
-    ids: list[str], negatives: dict[str, list[torch.Tensor]], reader: CacheReader, names: list[str]
-) -> HardNegatives | None:
-    """The `HardNegatives` of one batch (None when no row has one)."""
-    rows = [j for j, i in enumerate(ids) if i in negatives]
-    if not rows:
-        return None
-    texts = [
-        features_from_parts(reader.prefix_states(name).float(), [negatives[ids[j]][b] for j in rows])
-        for b, name in enumerate(names)
-    ]
-    return HardNegatives(torch.tensor(rows), texts)
 
 
 # Noise levels of each caption preference. Relations: high, where sampling still decides the layout (below ~0.7
@@ -266,17 +217,19 @@ def run_curve(
         raise SystemExit(
             f"{reader.uri} has no layout targets: rebuild it (configs/starter/cache.yaml grounds them)"
         )
-    batches = bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, layout=use_layout)
+    use_negatives = cfg.model.hard_negative_weight > 0
+    if use_negatives and not reader.has_negatives:
+        raise SystemExit(
+            f"{reader.uri} has no negative captions: rebuild it (configs/starter/cache.yaml reads the starter's)"
+        )
+    batches = bucketed_batches(
+        reader, cfg.batch_size, 0, 1, cfg.seed, layout=use_layout, negatives=use_negatives
+    )
     fixed = head_rows(reader, 64)
     fixed_latents, fixed_texts, _ = batch_to_training_inputs(fixed, reader)
     fixed_texts = select_branches(fixed_texts, reader, names)
 
     vae, encoders = sampling_parts(reader, names, device)
-    negatives = (
-        hard_negatives(reader, starter, names, encoders, cfg.model.hard_negative_kind)
-        if cfg.model.hard_negative_weight > 0
-        else {}
-    )
     heldout = heldout_prompts(starter, eval_cfg.prompts)
     seen = train_prompts(starter, eval_cfg.prompts)
     preference_sets = preference_items(starter)
@@ -288,7 +241,7 @@ def run_curve(
         for step in range(done, budget):
             batch = next(batches)
             texts = select_branches(batch.texts, reader, names)
-            hard = batch_negatives(batch.ids, negatives, reader, names) if negatives else None
+            hard = select_negatives(batch.negatives, reader, names)
             layout = select_layout(batch.layout, reader, names)
             draws = step_generator(cfg.seed, 0, step)
             train_step(model, optim, ema, batch.latents, texts, cfg, step, draws, device, hard, layout)

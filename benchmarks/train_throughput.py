@@ -3,10 +3,12 @@
     LIDIT_HOME=/tmp/lidit_bench python benchmarks/train_throughput.py --cache /work/lh/cache \\
         [--steps 150] [--batch 32] [--runs auto:2x1 fsdp:2x1 replicate:1x2] [--threads 2]
     ... --config configs/starter/train_long_layout.yaml --name train_throughput_layout   # the layout recipe
+    ... --config configs/starter/train_shapes.yaml --name train_throughput_shapes   # shape hard negatives
 
 Both sides run `training.step.train_step` (the one step function) on a training config (default the starter's,
 `configs/starter/train.yaml`: `tiny` preset, every encoder of the cache; a config with `model.layout_weight`
-also feeds both the batches' layout targets), the same batch and cache:
+or `model.hard_negative_weight` also feeds both the batches' layout targets or hard negatives), the same batch
+and cache:
 
 - bare:   one process, `--threads` intra-op threads, no Ray and no data-parallel wrapper, on the same global
           batches in the same order as the run (`training.data.bucketed_batches` at world 1), decoded before
@@ -85,19 +87,20 @@ def steady_rate(windows: list[float]) -> float:
 def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
     """`train_step` in a plain loop: one process, no Ray, no data-parallel wrapper, pre-decoded batches."""
     from training.data import bucketed_batches
-    from training.loop import build_generator_config, select_branches, select_layout
+    from training.loop import build_generator_config, select_branches, select_layout, select_negatives
     from training.parallelize import wrap_single_worker
 
     torch.set_num_threads(args.threads)
     cfg = run_config(args, "bare", "auto", 1)
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
-    # The layout recipe's step also reads the batch's layout targets, as in the Ray loop.
-    use_layout = cfg.model.layout_weight > 0
-    batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, layout=use_layout)
+    # Recipes with layout targets or hard negatives also read them per batch, as in the Ray loop.
+    extras = {"layout": cfg.model.layout_weight > 0, "negatives": cfg.model.hard_negative_weight > 0}
+    batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, **extras)
     for batch in source:
         texts = select_branches(batch.texts, reader, names)
-        batches.append((batch.latents, texts, select_layout(batch.layout, reader, names)))
+        hard = select_negatives(batch.negatives, reader, names)
+        batches.append((batch.latents, texts, select_layout(batch.layout, reader, names), hard))
         if len(batches) == cfg.steps:
             break
     source.close()  # stops its read-ahead threads before the clock starts
@@ -108,9 +111,9 @@ def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
     ema = EMA(model, cfg.optim.ema_decay)
     window, rates, losses = MetricWindow(), [], []
     for step in range(cfg.steps):
-        latents, texts, layout = batches[step]
+        latents, texts, layout, hard = batches[step]
         draws = step_generator(cfg.seed, 0, step)
-        window.add(train_step(model, optim, ema, latents, texts, cfg, step, draws, layout=layout))
+        window.add(train_step(model, optim, ema, latents, texts, cfg, step, draws, None, hard, layout))
         if (step + 1) % cfg.tracking.log_every == 0:
             loss, _ = window.reduce()  # the same one read per window as the Ray loop
             steps = window.steps

@@ -38,6 +38,7 @@ def _info(args: argparse.Namespace) -> int:
             f"prefix {e['prefix_len']} tokens, hidden {e['hidden_size']}, stored {e['dtype']} "
             f"(computed {e['compute_dtype']}), fingerprint {e['fingerprint']}"
             + (", with layout targets" if e["layout_targets"] else "")
+            + (", with negative captions" if e["negative_captions"] else "")
         )
         print(
             f"    instruction: {e['instruction']!r}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -127,6 +127,14 @@ class TextFeatures:
         states = [nn.functional.pad(i.states, (0, 0, 0, t - i.states.shape[1])) for i in items]
         masks = [nn.functional.pad(i.mask, (0, t - i.mask.shape[1])) for i in items]
         return TextFeatures(torch.cat(states), torch.cat(masks), items[0].prefix_len)
+
+
+class HardNegatives(NamedTuple):
+    """Negative captions for some rows of a batch: `rows` (K,) indices into the batch, and `texts` one
+    `TextFeatures` (K rows, in the order of `rows`) per generator branch, like the batch's own texts."""
+
+    rows: torch.Tensor
+    texts: list[TextFeatures]
 
 
 class LiDiTGenerator(nn.Module):

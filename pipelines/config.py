@@ -99,6 +99,11 @@ class CacheBuildConfig(StrictModel):
         """Whether the cache stores per-token layout targets: some source has grounded captions."""
         return any(s.grounding_column for s in self.sources)
 
+    @property
+    def negatives(self) -> bool:
+        """Whether the cache stores negative captions' states: some source has a negative-caption column."""
+        return any(s.negative_caption_column for s in self.sources)
+
     def bucket_list(self) -> list[tuple[int, int]]:
         """Explicit buckets, or (w, h) with area ~ resolution**2, sides multiples of bucket_multiple."""
         if self.buckets:

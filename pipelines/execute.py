@@ -105,6 +105,7 @@ def run_units(
                 "fingerprint": info.fingerprint,
                 "prefix": (spec.output_uri, spec.storage_options, info.prefix_file),
                 "layout": spec.layout,
+                "negatives": spec.negatives,
             }
             pools[ec.name] = _Pool(EncoderStage, cfg.encoder_stage, kwargs)
     prepare = ray.remote(prepare_unit).options(num_cpus=cfg.decode.num_cpus)

@@ -27,6 +27,7 @@ class EncoderInfo(StrictModel):
     group_fingerprint: str
     hidden_size: int
     layout: bool
+    negatives: bool
     dtype: C.StoredDType
     prefix_file: str
 
@@ -53,9 +54,12 @@ def describe_vae(path: str, latent_dtype: str, image: C.ImageSettings) -> C.VaeE
     )
 
 
-def describe_encoder(ec: EncoderConfig, states_dtype: str, layout: bool = False) -> EncoderInfo:
+def describe_encoder(
+    ec: EncoderConfig, states_dtype: str, layout: bool = False, negatives: bool = False
+) -> EncoderInfo:
     """An encoder's fingerprint (`PromptEncoder.fingerprint`) and width from its files; checks `layer`.
-    `layout`: its column group also holds the layout targets (a build with grounded sources)."""
+    `layout`: its column group also holds the layout targets (a build with grounded sources); `negatives`: the
+    states of the rows' negative captions (a build with a negative-caption column)."""
     from transformers import AutoConfig
 
     from lidit.encoder import encoder_fingerprint
@@ -71,12 +75,15 @@ def describe_encoder(ec: EncoderConfig, states_dtype: str, layout: bool = False)
         name=ec.name,
         config=ec.model_dump(mode="json"),
         fingerprint=fp,
-        # Caches without layout keep their old group fingerprints (and shards).
+        # Caches without layout or negatives keep their old group fingerprints (and shards).
         group_fingerprint=hash_json(
-            [fp, states_dtype, f"layout-{TARGETS_VERSION}"] if layout else [fp, states_dtype]
+            [fp, states_dtype]
+            + ([f"layout-{TARGETS_VERSION}"] if layout else [])
+            + (["negatives-1"] if negatives else [])
         )[:16],
         hidden_size=int(text.hidden_size),
         layout=layout,
+        negatives=negatives,
         dtype=states_dtype,
         prefix_file=f"{C.PREFIX_DIR}/{ec.name}-{fp}.safetensors",
     )
@@ -92,7 +99,7 @@ def describe_models(cfg: CacheBuildConfig, image: C.ImageSettings) -> tuple[C.Va
 
     vae = ray.remote(describe_vae).options(**options(cfg.vae_stage)).remote(cfg.vae, cfg.latent_dtype, image)
     enc = ray.remote(describe_encoder).options(**options(cfg.encoder_stage))
-    encoders = [enc.remote(ec, cfg.states_dtype, cfg.layout) for ec in cfg.encoders]
+    encoders = [enc.remote(ec, cfg.states_dtype, cfg.layout, cfg.negatives) for ec in cfg.encoders]
     try:
         return ray.get(vae), ray.get(encoders)
     except ray.exceptions.RayTaskError as exc:

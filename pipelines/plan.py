@@ -97,6 +97,7 @@ def plan_build(
         encoders=[EncoderSpec(name=e.name, path=e.path, max_length=e.max_length) for e in cfg.encoders],
         groups=groups,
         layout=cfg.layout,
+        negatives=cfg.negatives,
     )
     previous = load_manifest(out)
     prev_by_unit = {s.unit: s for s in previous.shards} if previous else {}

@@ -35,9 +35,9 @@ def write_shard(spec: BuildSpec, task: UnitTask, table: pa.Table) -> ShardResult
     table = table.sort_by(C.COL_SOURCE_ROW)
     bad_mask = pc.is_valid(table.column(COL_REASON))
     good, bad = table.filter(pc.invert(bad_mask)), table.filter(bad_mask)
-    schema = C.shard_schema(spec.encoder_names, spec.layout)
+    schema = C.shard_schema(spec.encoder_names, spec.layout, spec.negatives)
     for col in schema.names:
-        if good.column(col).null_count:
+        if not schema.field(col).nullable and good.column(col).null_count:
             raise RuntimeError(f"internal error: unit {task.name}: column {col} not computed for some rows")
     shard = pa.Table.from_arrays(
         [good.column(c).cast(schema.field(c).type) for c in schema.names], schema=schema

@@ -49,14 +49,24 @@ class SourceConfig(StrictModel):
         description="Parquet: phrase boxes of each caption, [[start, end, x0, y0, x1, y1], ...] or that as JSON "
         "(lidit.layout); any such source makes the cache store layout targets",
     )
+    negative_caption_column: str | None = Field(
+        None,
+        description="Parquet: a hard-negative caption per row (one the image does not show; null or empty for "
+        "none); any such source makes the cache store their states for `model.hard_negative_weight`",
+    )
     caption_extension: str = Field(
         ".txt", description="image folders: caption file beside each image; tars: caption member of a sample"
     )
 
+    def extra_columns(self) -> tuple[str, ...]:
+        """The optional per-row Parquet columns this source reads (grounding, negative caption), in that order."""
+        return tuple(c for c in (self.grounding_column, self.negative_caption_column) if c)
+
     def unit_settings(self) -> dict[str, Any]:
         """The settings that key this source's units (the URI is keyed with the content). A source without
-        grounding keys them as before grounding existed, so those caches stay valid."""
-        skip = {"uri"} | (set() if self.grounding_column else {"grounding_column"})
+        grounding or negative captions keys them as before those existed, so those caches stay valid."""
+        later = {"grounding_column", "negative_caption_column"}
+        skip = {"uri"} | {k for k in later if getattr(self, k) is None}
         return self.model_dump(mode="json", exclude=skip)
 
 
@@ -108,8 +118,9 @@ def discover(
     counts are memoised under `memo` (the cache root) by file fingerprint, so an unchanged tar is not rescanned."""
     loc = open_location(cfg.uri, storage_options)
     fmt = _detect_format(loc, cfg)
-    if cfg.grounding_column and fmt != "parquet":
-        raise ConfigError(f"sources: {cfg.uri}: grounding_column needs a Parquet source, this one is {fmt}")
+    for option in ("grounding_column", "negative_caption_column"):
+        if getattr(cfg, option) and fmt != "parquet":
+            raise ConfigError(f"sources: {cfg.uri}: {option} needs a Parquet source, this one is {fmt}")
     if not loc.fs.exists(loc.path):
         raise ConfigError(f"sources: source not found: {cfg.uri}")
     if fmt == "webdataset":
@@ -121,7 +132,7 @@ def discover(
             with loc.fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 names = pf.schema_arrow.names
-                for col in (cfg.image_column, cfg.caption_column, cfg.grounding_column):
+                for col in (cfg.image_column, cfg.caption_column) + cfg.extra_columns():
                     if col is None:
                         continue
                     if col not in names:
@@ -201,7 +212,7 @@ def _image_id(path: str) -> str:
 def read_ids(loc: Location, rows: RowRange) -> list[str | None]:
     """Ids of a row range (only the id column is read)."""
     if rows.format == "parquet":
-        return read_parquet_rows(loc, rows.path, rows.source, rows.start, rows.stop, ids_only=True)[0]
+        return read_parquet_rows(loc, rows.path, rows.source, rows.start, rows.stop, ids_only=True).ids
     if rows.format == "webdataset":
         with loc.fs.open(rows.path, "rb") as f:
             return [s.key for s in webdataset.samples_in_range(f, rows.start, rows.stop, rows.seek)]
@@ -216,15 +227,14 @@ class UnitRows(NamedTuple):
     captions: list[Any]
     flaws: dict[int, tuple[str, str]]  # row offset -> (quarantine reason, detail) the source already knows
     groundings: list[Any] | None = None  # `grounding_column` values (Parquet sources that have one)
+    negative_captions: list[Any] | None = None  # `negative_caption_column` values (ditto)
 
 
 def read_unit_rows(loc: Location, task: RowRange) -> UnitRows:
     """Ids, image values, captions, known flaws and groundings of a unit's rows."""
     if task.format == "parquet":
-        ids, images, captions, groundings = read_parquet_rows(
-            loc, task.path, task.source, task.start, task.stop
-        )
-        return UnitRows(ids, images, captions, {}, groundings)
+        rows = read_parquet_rows(loc, task.path, task.source, task.start, task.stop)
+        return UnitRows(rows.ids, rows.images, rows.captions, {}, rows.groundings, rows.negative_captions)
     if task.format == "webdataset":
         with loc.fs.open(task.path, "rb") as f:
             samples = webdataset.read_samples(
@@ -253,9 +263,9 @@ def _read_text(loc: Location, path: str) -> str:
 
 def read_parquet_rows(
     loc: Location, path: str, cfg: SourceConfig, start: int, stop: int, ids_only: bool = False
-) -> tuple[list[str | None], list[Any], list[Any], list[Any] | None]:
-    """Ids, image values, captions and groundings (None without a `grounding_column`) of rows [start, stop) of
-    a Parquet file (reads only the row groups needed).
+) -> UnitRows:
+    """Ids, image values, captions, groundings and negative captions (None without their column) of rows
+    [start, stop) of a Parquet file (reads only the row groups needed; `ids_only`: the ids alone).
 
     Ids are the `id_column` as strings, or `<file stem>-<row>` when the file has no such column.
     """
@@ -269,12 +279,10 @@ def read_parquet_rows(
                 first = offset if first is None else first
             offset += n
         if not groups:
-            return [], [], [], None
+            return UnitRows([], [], [], {})
         has_ids = bool(cfg.id_column) and cfg.id_column in pf.schema_arrow.names
-        data = [] if ids_only else [cfg.image_column, cfg.caption_column]
-        if cfg.grounding_column and not ids_only:
-            data.append(cfg.grounding_column)
-        columns = data + ([cfg.id_column] if has_ids else [])
+        data = [] if ids_only else [cfg.image_column, cfg.caption_column, *cfg.extra_columns()]
+        columns = list(dict.fromkeys(data + ([cfg.id_column] if has_ids else [])))
         table: pa.Table | None = pf.read_row_groups(groups, columns=columns) if columns else None
     if has_ids:
         ids = [None if x is None else str(x) for x in table.column(cfg.id_column).to_pylist()]
@@ -283,7 +291,17 @@ def read_parquet_rows(
         stem = posixpath.splitext(posixpath.basename(path))[0]
         ids = [_id_or_default(stem, i) for i in range(start, stop)]
     if ids_only:
-        return ids, [], [], None
+        return UnitRows(ids, [], [], {})
     table = table.slice(start - first, stop - start)
-    groundings = table.column(2).to_pylist() if cfg.grounding_column else None
-    return ids, table.column(0).to_pylist(), table.column(1).to_pylist(), groundings
+
+    def values(column: str | None) -> list[Any] | None:
+        return table.column(column).to_pylist() if column else None
+
+    return UnitRows(
+        ids,
+        values(cfg.image_column),
+        values(cfg.caption_column),
+        {},
+        values(cfg.grounding_column),
+        values(cfg.negative_caption_column),
+    )

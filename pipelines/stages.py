@@ -4,7 +4,7 @@
 A unit's rows travel as one Arrow table with the contract columns (null until computed) plus internal `_`
 columns: `_pixels` (bucket-sized RGB uint8 HWC bytes, dropped after the VAE), `_reason`/`_detail`
 (quarantine), `_grounding` (a build with layout: the row's grounding in its bucket crop, JSON; read by the
-encoder stage), and `_new_<group>` (True where this build computed the group; the summary counts them).
+encoder stage), the contract's `negative_caption` (a build with negatives; null where the row has none), and `_new_<group>` (True where this build computed the group; the summary counts them).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def new_column(group: str) -> str:
     return f"_new_{group}"
 
 
-def group_columns(group: str, layout: bool = False) -> list[tuple[str, pa.DataType]]:
-    """Contract columns that make up a column group (`latents` or an encoder name; `layout`: encoder groups
-    hold the layout targets too)."""
+def group_columns(group: str, layout: bool = False, negatives: bool = False) -> list[tuple[str, pa.DataType]]:
+    """Contract columns that make up a column group (`latents` or an encoder name; `layout` / `negatives`:
+    encoder groups hold the layout targets / the negative captions' states too)."""
     if group == C.LATENT_GROUP:
         return [
             (C.COL_LATENT, pa.binary()),
@@ -51,7 +51,11 @@ def group_columns(group: str, layout: bool = False) -> list[tuple[str, pa.DataTy
             (C.COL_LATENT_WIDTH, pa.int32()),
         ]
     out = [(C.states_column(group), pa.binary()), (C.length_column(group), pa.int32())]
-    return out + [(C.layout_column(group), pa.binary())] if layout else out
+    if layout:
+        out.append((C.layout_column(group), pa.binary()))
+    if negatives:
+        out += [(C.negative_states_column(group), pa.binary()), (C.negative_length_column(group), pa.int32())]
+    return out
 
 
 def set_column(table: pa.Table, name: str, values: list[Any], dtype: pa.DataType) -> pa.Table:
@@ -70,6 +74,15 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason, self.detail = reason, detail[:300]
+
+
+def _negative_caption(value: Any) -> str | None:
+    """A source's negative-caption value: a caption, or None for a row without one (null or blank)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Rejected("bad_negative_caption", f"not a string: {type(value).__name__}")
+    return value if value.strip() else None
 
 
 def decode_image(value: Any, max_pixels: int, min_side: int) -> Image.Image:
@@ -135,6 +148,9 @@ def _token_counter(path: str) -> Callable[[list[str]], list[int]]:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(file)
+        # A saved tokenizer.json may carry truncation (the starter's has max_length 63): count every token.
+        tok.no_truncation()
+        tok.no_padding()
         return lambda texts: [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
     from transformers import AutoTokenizer
 
@@ -150,7 +166,7 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
     loc = open_location(task.source_uri, spec.storage_options)
     start, stop = task.start, task.stop
     n = stop - start
-    ids, images, captions, flaws, groundings = read_unit_rows(loc, task)
+    ids, images, captions, flaws, groundings, negative_captions = read_unit_rows(loc, task)
     dup = set(task.dup)
     img_cfg = spec.image
     buckets = [tuple(b) for b in img_cfg.buckets]
@@ -161,7 +177,9 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
     old: dict[str, dict[str, Any]] = {}
     if task.reuse_path:
         out_loc = open_location(spec.output_uri, spec.storage_options)
-        cols = [C.COL_ID] + [c for g in reuse_groups for c, _ in group_columns(g, spec.layout)]
+        cols = [C.COL_ID] + [
+            c for g in reuse_groups for c, _ in group_columns(g, spec.layout, spec.negatives)
+        ]
         with out_loc.fs.open(task.reuse_path, "rb") as f:
             prev = pq.read_table(f, columns=cols).to_pylist()
         old = {r[C.COL_ID]: r for r in prev}
@@ -171,10 +189,11 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
         for k in (
             C.COL_ID, C.COL_CAPTION, C.COL_SOURCE_ROW, C.COL_WIDTH, C.COL_HEIGHT, C.COL_BUCKET,
             C.COL_BUCKET_WIDTH, C.COL_BUCKET_HEIGHT, COL_PIXELS, COL_REASON, COL_DETAIL, COL_GROUNDING,
+            C.COL_NEGATIVE_CAPTION,
         )
     }  # fmt: skip
     group_vals: dict[str, dict[str, list[Any]]] = {
-        g: {c: [] for c, _ in group_columns(g, spec.layout)} for g in groups
+        g: {c: [] for c, _ in group_columns(g, spec.layout, spec.negatives)} for g in groups
     }
     for i in range(n):
         rid, caption = ids[i], captions[i]
@@ -197,6 +216,8 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
                 except ValueError as exc:
                     raise Rejected("bad_grounding", str(exc)) from None
                 row[COL_GROUNDING] = json.dumps(crop_grounding(grounding, im.width, im.height, (bw, bh)))
+            if spec.negatives and negative_captions:
+                row[C.COL_NEGATIVE_CAPTION] = _negative_caption(negative_captions[i])
             row.update(
                 {C.COL_WIDTH: im.width, C.COL_HEIGHT: im.height, C.COL_BUCKET: f"{bw}x{bh}"}
                 | {C.COL_BUCKET_WIDTH: bw, C.COL_BUCKET_HEIGHT: bh}
@@ -215,30 +236,34 @@ def prepare_unit(spec: BuildSpec, task: UnitTask) -> pa.Table:
                 group_vals[g][c].append(prev_row[c] if take else None)
 
     # over-long captions: tokenized exactly as PromptEncoder does (no special tokens, prefix not counted)
-    valid = [i for i in range(n) if cols[COL_REASON][i] is None]
-    for enc in spec.encoders:
-        if not valid:
-            break
-        lengths = _token_counter(enc.path)([cols[C.COL_CAPTION][i] for i in valid])
-        for i, length in zip(valid, lengths, strict=True):
-            if length > enc.max_length and cols[COL_REASON][i] is None:
-                cols[COL_REASON][i] = "caption_too_long"
-                cols[COL_DETAIL][i] = f"{length} tokens > max_length={enc.max_length} of {enc.name}"
-                cols[COL_PIXELS][i] = None
-                for g in groups:
-                    for c in group_vals[g]:
-                        group_vals[g][c][i] = None
+    for column, reason, what in (
+        (C.COL_CAPTION, "caption_too_long", ""),
+        (C.COL_NEGATIVE_CAPTION, "bad_negative_caption", "negative caption: "),
+    ):
+        for enc in spec.encoders:
+            valid = [i for i in range(n) if cols[COL_REASON][i] is None and cols[column][i] is not None]
+            if not valid:
+                break
+            lengths = _token_counter(enc.path)([cols[column][i] for i in valid])
+            for i, length in zip(valid, lengths, strict=True):
+                if length > enc.max_length:
+                    cols[COL_REASON][i] = reason
+                    cols[COL_DETAIL][i] = f"{what}{length} tokens > max_length={enc.max_length} of {enc.name}"
+                    cols[COL_PIXELS][i] = None
+                    for g in groups:
+                        for c in group_vals[g]:
+                            group_vals[g][c][i] = None
 
     types = {
         C.COL_ID: pa.string(), C.COL_CAPTION: pa.string(), C.COL_SOURCE_ROW: pa.int64(), C.COL_WIDTH: pa.int32(),
         C.COL_HEIGHT: pa.int32(), C.COL_BUCKET: pa.string(), C.COL_BUCKET_WIDTH: pa.int32(),
         C.COL_BUCKET_HEIGHT: pa.int32(), COL_PIXELS: pa.binary(), COL_REASON: pa.string(), COL_DETAIL: pa.string(),
-        COL_GROUNDING: pa.string(),
+        COL_GROUNDING: pa.string(), C.COL_NEGATIVE_CAPTION: pa.string(),
     }  # fmt: skip
     arrays = {k: pa.array(v, type=types[k]) for k, v in cols.items()}
     arrays[C.COL_SOURCE] = pa.array([task.source_uri] * n, type=pa.string())
     for g in groups:
-        for c, t in group_columns(g, spec.layout):
+        for c, t in group_columns(g, spec.layout, spec.negatives):
             arrays[c] = pa.array(group_vals[g][c], type=t)
         arrays[new_column(g)] = pa.array([False] * n, type=pa.bool_())
     return pa.table(arrays)
@@ -311,8 +336,9 @@ class VaeStage(_BatchedStage):
 
 
 class EncoderStage(_BatchedStage):
-    """Actor: captions -> one encoder's prompt-token states (prefix shared, no padding stored), and with
-    `layout` each token's layout target from the row's grounding (`lidit.layout.grounding_targets`)."""
+    """Actor: captions -> one encoder's prompt-token states (prefix shared, no padding stored), with `layout`
+    each token's layout target from the row's grounding (`lidit.layout.grounding_targets`), and with
+    `negatives` the states of the row's negative caption (empty, length 0, for a row without one)."""
 
     def __init__(
         self,
@@ -324,6 +350,7 @@ class EncoderStage(_BatchedStage):
         threads: int | None,
         batch_size: int,
         layout: bool = False,
+        negatives: bool = False,
     ) -> None:
         from lidit.encoder import EncoderConfig, PromptEncoder
         from pipelines.prefix import write_prefix
@@ -333,6 +360,7 @@ class EncoderStage(_BatchedStage):
         self.encoder = PromptEncoder(EncoderConfig.model_validate(encoder_config), device=device)
         self.dtype = dtype
         self.layout = layout
+        self.negatives = negatives
         if self.encoder.fingerprint != fingerprint:
             raise RuntimeError(
                 f"encoder {self.encoder.name}: model files changed since planning "
@@ -370,9 +398,26 @@ class EncoderStage(_BatchedStage):
             lengths[i], new[i] = x.shape[0], True
         if self.layout:
             batch = self._add_layout(batch, todo, captions, lengths)
+        if self.negatives:
+            batch = self._add_negatives(batch, todo)
         batch = set_column(batch, s_col, states, pa.binary())
         batch = set_column(batch, l_col, lengths, pa.int32())
         return set_column(batch, new_column(name), new, pa.bool_())
+
+    def _add_negatives(self, batch: pa.Table, todo: list[int]) -> pa.Table:
+        name = self.encoder.name
+        s_col, l_col = C.negative_states_column(name), C.negative_length_column(name)
+        states, lengths = batch.column(s_col).to_pylist(), batch.column(l_col).to_pylist()
+        negatives = batch.column(C.COL_NEGATIVE_CAPTION).to_pylist()
+        for i in todo:
+            states[i], lengths[i] = b"", 0
+        have = [i for i in todo if negatives[i] is not None]
+        if have:
+            enc = self.encoder.encode_prompts([negatives[i] for i in have])
+            for i, x in zip(have, enc.unpadded(), strict=True):
+                states[i], lengths[i] = C.encode_tensor(x, self.dtype), x.shape[0]
+        batch = set_column(batch, s_col, states, pa.binary())
+        return set_column(batch, l_col, lengths, pa.int32())
 
     def _add_layout(
         self, batch: pa.Table, todo: list[int], captions: list[str], lengths: list[int]

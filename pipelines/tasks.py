@@ -33,6 +33,7 @@ class BuildSpec(StrictModel):
     encoders: list[EncoderSpec] = Field(min_length=1, description="in manifest order")
     groups: dict[str, str] = Field(description="column group -> fingerprint, in output order")
     layout: bool = Field(False, description="encoder groups also hold the layout targets")
+    negatives: bool = Field(False, description="encoder groups also hold the negative captions' states")
 
     @property
     def encoder_names(self) -> list[str]:

@@ -21,7 +21,8 @@ def starter_micro(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def micro_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A feature cache of the micro starter train split (both starter LMs + the starter VAE), built once."""
+    """A feature cache of the micro starter train split (both starter LMs + the starter VAE, layout targets and
+    shape hard negatives, as configs/starter/cache.yaml builds it), built once."""
     request.getfixturevalue("ray_local")  # the build runs on the session's Ray
     prebuilt = os.environ.get("LIDIT_TEST_STARTER_DIR")
     if prebuilt:
@@ -39,7 +40,13 @@ def micro_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     out = tmp_path_factory.mktemp("train_cache") / "cache"
     cfg = CacheBuildConfig.model_validate(
         {
-            "sources": [{"uri": str(starter_micro.train_parquet), "grounding_column": "grounding"}],
+            "sources": [
+                {
+                    "uri": str(starter_micro.train_parquet),
+                    "grounding_column": "grounding",
+                    "negative_caption_column": "shape_negative",
+                }
+            ],
             "output": str(out),
             "vae": str(starter_micro.vae),
             "encoders": [

@@ -31,14 +31,9 @@ class ModelSection(StrictModel):
     hard_negative_weight: float = Field(
         0.0,
         ge=0,
-        description="hard negatives: also train each row's prediction under a negative caption (see "
-        "`hard_negative_kind`) to miss the image by `hard_negative_margin` more than under the true caption "
-        "(0 = off; needs negative captions, so Ray-free learning-curve runs only for now)",
-    )
-    hard_negative_kind: Literal["relation", "shape"] = Field(
-        "relation",
-        description="which negative captions: `relation` (relation rows, the relation said the other way round) "
-        "or `shape` (every row, each shape word swapped for another)",
+        description="hard negatives: also train the prediction of each row that has a negative caption (the "
+        "cache's `negative_caption`, from a source's negative_caption_column) to miss the image under it by "
+        "`hard_negative_margin` more than under the true caption (0 = off)",
     )
     hard_negative_margin: float = Field(
         0.1,
@@ -63,8 +58,8 @@ class ModelSection(StrictModel):
         0.0,
         ge=0,
         description="text-side layout supervision: a head on the fused prompt tokens also learns where each object "
-        "named in a relation caption stands, weighted by this (0 = off; needs per-token layout targets, so "
-        "Ray-free learning-curve runs only for now)",
+        "named in a relation caption stands, weighted by this (0 = off; needs the cache's per-token layout targets, from a source's "
+        "grounding_column)",
     )
     foreground_weight: float = Field(
         0.0,
@@ -87,13 +82,16 @@ class ModelSection(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _hard_negative_band(self) -> ModelSection:
+    def _hard_negative_settings(self) -> ModelSection:
         # An empty band would silently train without the term the weight asks for.
         if self.hard_negative_min_sigma > self.hard_negative_max_sigma:
             raise ValueError(
                 f"hard_negative_min_sigma {self.hard_negative_min_sigma} is above hard_negative_max_sigma "
                 f"{self.hard_negative_max_sigma}: the hard-negative term would never apply"
             )
+        if self.hard_negative_weight > 0 and self.layout_weight > 0:
+            # Negative rows re-pad the prompt tokens, which the layout targets are aligned to.
+            raise ValueError("hard_negative_weight and layout_weight cannot both be on yet; set one to 0")
         return self
 
 

@@ -49,8 +49,8 @@ import pyarrow.parquet as pq
 import torch
 
 from lidit.cache import contract as C
-from lidit.cache.reader import CacheReader, batch_layout_targets, batch_to_training_inputs
-from lidit.generator import TextFeatures
+from lidit.cache.reader import CacheReader, batch_layout_targets, batch_negatives, batch_to_training_inputs
+from lidit.generator import HardNegatives, TextFeatures
 from lidit.layout import LayoutTargets
 
 SHUFFLE_ROWS = 4096  # rows per shuffle window: the memory of a local shuffle buffer, per rank ~ this / world
@@ -58,13 +58,16 @@ READ_AHEAD = 2  # blocks read ahead of need on background threads (pyarrow relea
 INDEX_THREADS = 8  # parallel shard footers + bucket columns when indexing (latency-bound on S3)
 
 
-def training_columns(reader: CacheReader, layout: bool = False) -> list[str]:
-    """The columns training reads (no source bookkeeping, no captions; `layout`: the layout targets too)."""
+def training_columns(reader: CacheReader, layout: bool = False, negatives: bool = False) -> list[str]:
+    """The columns training reads (no source bookkeeping, no captions; `layout`: the layout targets too;
+    `negatives`: the negative captions' states too)."""
     cols = [C.COL_ID, C.COL_LATENT, C.COL_LATENT_HEIGHT, C.COL_LATENT_WIDTH]
     for name in reader.encoder_names:
         cols += [C.states_column(name), C.length_column(name)]
         if layout:
             cols.append(C.layout_column(name))
+        if negatives:
+            cols += [C.negative_states_column(name), C.negative_length_column(name)]
     return cols
 
 
@@ -77,6 +80,7 @@ class TrainingBatch(NamedTuple):
     texts: list[TextFeatures]  # one per encoder, manifest order
     layout: LayoutTargets | None  # the same order; None unless asked for
     ids: list[str]
+    negatives: HardNegatives | None = None  # the same order; None unless asked for or no row has one
 
 
 @dataclass(frozen=True, eq=False)
@@ -316,6 +320,7 @@ def rank_batch_tables(
     read_ahead: int = READ_AHEAD,
     index: CacheIndex | None = None,
     layout: bool = False,
+    negatives: bool = False,
 ) -> Iterator[tuple[int, int, pa.Table]]:
     """Endless (epoch, position, rows) of rank `rank`: its `per_worker` rows of each global batch, as Arrow.
 
@@ -326,7 +331,7 @@ def rank_batch_tables(
         raise ValueError(f"rank {rank} outside world of {world}")
     index = index or CacheIndex.build(reader)
     lo, hi = rank * per_worker, (rank + 1) * per_worker
-    store = RowStore(reader, index, training_columns(reader, layout), read_ahead)
+    store = RowStore(reader, index, training_columns(reader, layout, negatives), read_ahead)
     plans = epoch_plans(index, per_worker * world, seed, shuffle_rows, start_epoch)
     plan, first = next(plans), skip
     if skip > len(plan.batches):
@@ -354,20 +359,32 @@ def bucketed_batches(
     start_epoch: int = 0,
     skip: int = 0,
     layout: bool = False,
+    negatives: bool = False,
     **options: Any,
 ) -> Iterator[TrainingBatch]:
-    """Endless batches of `per_worker` rows of one bucket for one rank (`layout`: with their layout targets).
+    """Endless batches of `per_worker` rows of one bucket for one rank (`layout`: with their layout targets;
+    `negatives`: with their rows' negative captions).
 
     Every rank of a world gets the same number of batches per epoch (one slice of each global batch), so
     the training loop's one `next()` per step never waits on data another rank lacks. See the module
     docstring for the order; `options` go to `rank_batch_tables`.
     """
     for epoch, position, table in rank_batch_tables(
-        reader, per_worker, rank, world, seed, start_epoch, skip, layout=layout, **options
+        reader,
+        per_worker,
+        rank,
+        world,
+        seed,
+        start_epoch,
+        skip,
+        layout=layout,
+        negatives=negatives,
+        **options,
     ):
         latents, texts, ids = batch_to_training_inputs(table, reader)
         targets = batch_layout_targets(table, reader, texts) if layout else None
-        yield TrainingBatch(epoch, position, latents, texts, targets, ids)
+        hard = batch_negatives(table, reader) if negatives else None
+        yield TrainingBatch(epoch, position, latents, texts, targets, ids, hard)
 
 
 def head_rows(reader: CacheReader, n: int) -> Any:

@@ -29,6 +29,7 @@ from lidit.cache.reader import CacheReader, batch_to_training_inputs
 from lidit.encoder import EncoderConfig
 from lidit.generator import (
     GeneratorConfig,
+    HardNegatives,
     LiDiTGenerator,
     TextBranchSpec,
     TextFeatures,
@@ -66,6 +67,15 @@ def select_branches(items: list[T], reader: CacheReader, names: list[str]) -> li
     """The generator's branches (`names`, its order) of per-encoder items in the cache's manifest order."""
     index = {n: i for i, n in enumerate(reader.encoder_names)}
     return [items[index[n]] for n in names]
+
+
+def select_negatives(
+    negatives: HardNegatives | None, reader: CacheReader, names: list[str]
+) -> HardNegatives | None:
+    """`select_branches` for a batch's hard negatives."""
+    if negatives is None:
+        return None
+    return HardNegatives(negatives.rows, select_branches(negatives.texts, reader, names))
 
 
 def select_layout(
@@ -132,8 +142,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if reason and rank == 0:
         print(f"[train] {reason}", flush=True)
     per_worker = cfg.batch_size // world
-    use_layout = cfg.model.layout_weight > 0
-    batches = bucketed_batches(reader, per_worker, rank, world, cfg.seed, epoch, position, layout=use_layout)
+    batches = bucketed_batches(
+        reader,
+        per_worker,
+        rank,
+        world,
+        cfg.seed,
+        epoch,
+        position,
+        layout=cfg.model.layout_weight > 0,
+        negatives=cfg.model.hard_negative_weight > 0,
+    )
     fail_marker = Path(cfg.storage_path) / cfg.name / ".failed_once"
     window = MetricWindow()
     loss_value = float("nan")
@@ -153,8 +172,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         epoch, position = batch.epoch, batch.position
         texts = select_branches(batch.texts, reader, names)
         layout = select_layout(batch.layout, reader, names)
+        hard = select_negatives(batch.negatives, reader, names)
         draws = step_generator(cfg.seed, rank, step)
-        out = train_step(model, optim, ema, batch.latents, texts, cfg, step, draws, device, layout=layout)
+        out = train_step(model, optim, ema, batch.latents, texts, cfg, step, draws, device, hard, layout)
         window.add(out)
         done = step + 1
         train_state = torch.tensor([done, epoch, position], dtype=torch.long)

@@ -18,19 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lidit.generator import TextFeatures
+from lidit.generator import HardNegatives, TextFeatures
 from lidit.layout import LayoutTargets
 from lidit.objectives import NUM_TRAIN_TIMESTEPS, cfg_drop_mask, foreground_weights, training_targets
 from training.config import TrainConfig
 from training.state import EMA, lr_at
-
-
-class HardNegatives(NamedTuple):
-    """Negative captions for some rows of a batch: `rows` (K,) indices into the batch, and `texts` one
-    `TextFeatures` (K rows, in the order of `rows`) per generator branch, like the batch's own texts."""
-
-    rows: torch.Tensor
-    texts: list[TextFeatures]
 
 
 class StepOutput(NamedTuple):

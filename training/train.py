@@ -141,10 +141,10 @@ def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
     from training.data import CacheIndex
     from training.loop import build_generator_config
 
-    if cfg.model.hard_negative_weight > 0:  # the learning curve encodes its negatives itself
+    if cfg.model.hard_negative_weight > 0 and not reader.has_negatives:
         raise ConfigError(
-            "model.hard_negative_weight: the cache carries no negative captions yet, so Ray training cannot "
-            "use them; set 0 (measure them with benchmarks/learning_curve.py, which builds them itself)"
+            f"model.hard_negative_weight: the cache {reader.uri} has no negative captions; set a source's "
+            "negative_caption_column and rebuild it (lidit cache build), or set 0"
         )
     if cfg.model.layout_weight > 0 and not reader.has_layout:
         raise ConfigError(

@@ -34,6 +34,11 @@ Shard columns (one row per sample, rows in source order):
   (binary): per prompt token its layout target (L, 2) float16, the same L tokens as `states_E`
   (`lidit.layout.grounding_targets`: the token's grounded object as an offset from the grounded objects'
   midpoint in quarter-image units, after the bucket crop; 0 for tokens and captions without a stated place).
+- per encoder `E` whose manifest entry has `negatives: true` (a build with a source's `negative_caption_column`):
+  `negative_states_E` (binary) and `negative_length_E` (int32): the same as `states_E` / `length_E` for the
+  row's hard-negative caption (a caption the image does *not* show, e.g. every shape word swapped), and the
+  base column `negative_caption` (string, null without one). A row without a negative caption has empty bytes
+  and length 0: training skips it in the hard-negative term.
 
 Half precision is stored exactly: the tensor's bits are the bytes. float16 decodes with
 `numpy.frombuffer(b, numpy.float16)`; bfloat16 (no numpy dtype) with
@@ -79,6 +84,7 @@ MANIFEST_RE = re.compile(r"^v(\d{6})\.json$")
 # Column names: defined here only, imported everywhere.
 COL_ID = "id"
 COL_CAPTION = "caption"
+COL_NEGATIVE_CAPTION = "negative_caption"  # only in caches whose encoders have `negatives: true`
 COL_SOURCE = "source"
 COL_SOURCE_ROW = "source_row"
 COL_WIDTH = "width"
@@ -128,6 +134,7 @@ QUARANTINE_REASONS = (
     "missing_id",
     "duplicate_id",  # a later row with an id seen before (the first occurrence is kept)
     "bad_grounding",  # the grounding column's value is malformed or does not fit the caption
+    "bad_negative_caption",  # the negative-caption value is not a string, or is longer than an encoder takes
 )
 
 
@@ -146,14 +153,29 @@ def layout_column(encoder: str) -> str:
     return f"layout_{encoder}"
 
 
+def negative_states_column(encoder: str) -> str:
+    """Column of encoder `encoder`'s states of the row's negative caption (binary, (L, D); empty when none)."""
+    return f"negative_states_{encoder}"
+
+
+def negative_length_column(encoder: str) -> str:
+    """Column of encoder `encoder`'s negative-caption token count L (int32; 0 when the row has none)."""
+    return f"negative_length_{encoder}"
+
+
 LAYOUT_DTYPE = "float16"  # layout targets are about +-2: float16 holds them to 1e-3
 
 
-def shard_schema(encoders: list[str], layout: bool = False) -> pa.Schema:
-    """Arrow schema of a feature shard for encoders in manifest order (`layout`: with their layout targets)."""
+def shard_schema(encoders: list[str], layout: bool = False, negatives: bool = False) -> pa.Schema:
+    """Arrow schema of a feature shard for encoders in manifest order (`layout`: with their layout targets;
+    `negatives`: with the negative captions and their states)."""
     fields = [
         pa.field(COL_ID, pa.string(), nullable=False),
         pa.field(COL_CAPTION, pa.string(), nullable=False),
+    ]
+    if negatives:
+        fields.append(pa.field(COL_NEGATIVE_CAPTION, pa.string()))
+    fields += [
         pa.field(COL_SOURCE, pa.string(), nullable=False),
         pa.field(COL_SOURCE_ROW, pa.int64(), nullable=False),
         pa.field(COL_WIDTH, pa.int32(), nullable=False),
@@ -170,6 +192,9 @@ def shard_schema(encoders: list[str], layout: bool = False) -> pa.Schema:
         fields.append(pa.field(length_column(name), pa.int32(), nullable=False))
         if layout:
             fields.append(pa.field(layout_column(name), pa.binary(), nullable=False))
+        if negatives:
+            fields.append(pa.field(negative_states_column(name), pa.binary(), nullable=False))
+            fields.append(pa.field(negative_length_column(name), pa.int32(), nullable=False))
     return pa.schema(fields, metadata={b"lidit.contract_version": str(CONTRACT_VERSION).encode()})
 
 
@@ -249,6 +274,9 @@ class EncoderEntry(StrictModel):
     prefix_file: str = Field(description="path of the prefix safetensors, relative to the cache root")
     prefix_sha256: str
     layout: bool = Field(False, description="the shards carry `layout_<name>` (grounded sources)")
+    negatives: bool = Field(
+        False, description="the shards carry `negative_states_<name>` (sources with negative captions)"
+    )
 
 
 class ShardEntry(StrictModel):

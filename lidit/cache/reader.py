@@ -8,7 +8,8 @@
 `batch_to_training_inputs` accepts a pyarrow Table/RecordBatch or a dict of numpy arrays (what Ray Data's
 `iter_batches(batch_format="numpy")` yields) and returns float32 latents and one `TextFeatures` per encoder,
 in manifest order, built with the shared prefix. All rows of a batch must share a bucket (same latent size).
-`batch_layout_targets` decodes a cache's per-token layout targets (`CacheReader.has_layout`) to match them.
+`batch_layout_targets` decodes a cache's per-token layout targets (`CacheReader.has_layout`) to match them,
+and `batch_negatives` the states of its rows' negative captions (`CacheReader.has_negatives`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 from lidit.cache import contract as C
 from lidit.cache.storage import Location, open_location
 from lidit.encoder import features_from_parts
-from lidit.generator import TextFeatures
+from lidit.generator import HardNegatives, TextFeatures
 from lidit.layout import LayoutTargets
 
 
@@ -132,6 +133,11 @@ class CacheReader:
         """Whether the shards carry per-token layout targets (`layout_<encoder>`: a build with grounded sources)."""
         return all(e.layout for e in self.manifest.encoders)
 
+    @property
+    def has_negatives(self) -> bool:
+        """Whether the shards carry negative captions' states (a build with a source's negative_caption_column)."""
+        return all(e.negatives for e in self.manifest.encoders)
+
     @cached_property
     def _prefixes(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -164,7 +170,7 @@ class CacheReader:
 
     def to_arrow(self, columns: list[str] | None = None) -> pa.Table:
         """All rows of this version as one Arrow table (shards in manifest order)."""
-        schema = C.shard_schema(self.encoder_names, self.has_layout)
+        schema = C.shard_schema(self.encoder_names, self.has_layout, self.has_negatives)
         tables = [self._read(p, columns) for p in self.shard_paths()]
         if not tables:
             names = columns or schema.names
@@ -230,6 +236,7 @@ class CacheReader:
                     "hidden_size": e.hidden_size,
                     "dtype": e.dtype,
                     "layout_targets": e.layout,
+                    "negative_captions": e.negatives,
                     "fingerprint": e.fingerprint,
                 }
                 for e in m.encoders
@@ -304,3 +311,26 @@ def batch_layout_targets(batch: Any, reader: CacheReader, texts: list[TextFeatur
         targets.append(target)
         masks.append(mask)
     return LayoutTargets(targets, masks)
+
+
+def batch_negatives(batch: Any, reader: CacheReader) -> HardNegatives | None:
+    """The hard negatives of a batch: which rows have a negative caption, and its features per encoder in
+    manifest order (shared prefix + its prompt tokens, like `batch_to_training_inputs`); None when no row has
+    one. Rows are ordered as in the batch."""
+    if not reader.has_negatives:
+        raise ValueError(
+            f"cache {reader.uri} has no negative captions: build it with a source's negative_caption_column set"
+        )
+    encoders = reader.manifest.encoders
+    lengths = {e.name: [int(x) for x in _column(batch, C.negative_length_column(e.name))] for e in encoders}
+    rows = [i for i, n_tok in enumerate(lengths[encoders[0].name]) if n_tok > 0]
+    if not rows:
+        return None
+    texts = []
+    for e in encoders:
+        blobs = _column(batch, C.negative_states_column(e.name))
+        states = [
+            C.decode_tensor(blobs[i], e.dtype, (lengths[e.name][i], e.hidden_size)).float() for i in rows
+        ]
+        texts.append(features_from_parts(reader.prefix_states(e.name).float(), states))
+    return HardNegatives(torch.tensor(rows), texts)

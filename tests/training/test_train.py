@@ -68,6 +68,8 @@ def registered(micro_cache: str, tmp_path_factory: pytest.TempPathFactory) -> di
         steps=30,
         models_root=str(_starter_root(micro_cache)),
         optim={"lr": 3e-3, "warmup_steps": 3},
+        # The cache's shape hard negatives travel through the Ray loop into the step (every noise level).
+        model={"hard_negative_weight": 0.5, "hard_negative_min_sigma": 0.0},
         tracking={
             "registered_model": "test-lidit",
             "alias": "candidate",
