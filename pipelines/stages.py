@@ -4,7 +4,8 @@
 A unit's rows travel as one Arrow table with the contract columns (null until computed) plus internal `_`
 columns: `_pixels` (bucket-sized RGB uint8 HWC bytes, dropped after the VAE), `_reason`/`_detail`
 (quarantine), `_grounding` (a build with layout: the row's grounding in its bucket crop, JSON; read by the
-encoder stage), the contract's `negative_caption` (a build with negatives; null where the row has none), and `_new_<group>` (True where this build computed the group; the summary counts them).
+encoder stage), the contract's `negative_caption` (a build with negatives; null where the row has none) and
+`_new_<group>` (True where this build computed the group; the summary counts them).
 """
 
 from __future__ import annotations

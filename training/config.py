@@ -58,8 +58,8 @@ class ModelSection(StrictModel):
         0.0,
         ge=0,
         description="text-side layout supervision: a head on the fused prompt tokens also learns where each object "
-        "named in a relation caption stands, weighted by this (0 = off; needs the cache's per-token layout targets, from a source's "
-        "grounding_column)",
+        "named in a relation caption stands, weighted by this (0 = off; needs the cache's per-token layout "
+        "targets, from a source's grounding_column)",
     )
     foreground_weight: float = Field(
         0.0,

@@ -19,6 +19,7 @@ from lidit.starter.scenes import COLOURS, INVERSE, SHAPES, ComboKey, combo_keys
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 PLURALS = {s: s + "s" for s in SHAPES}
+SHAPE_OF_WORD = {s: s for s in SHAPES} | {p: s for s, p in PLURALS.items()}  # "circles" -> "circle"
 REL_PHRASES = {
     "left_of": ("to the left of", "left of", "on the left of"),
     "right_of": ("to the right of", "right of", "on the right of"),
@@ -205,9 +206,9 @@ def shape_negative(caption: str, spec: dict[str, Any], heldout: set[ComboKey], s
         return None
     swapped = swap_attribute_words(caption, "shape", seed)
     words = prompt_words(swapped)
-    singular = {PLURALS[s]: s for s in SHAPES} | {s: s for s in SHAPES}
+    # A swap replaces one word with one word, so the mentions' word indices still hold.
     objects = [
-        {**obj, "shape": singular[words[m.word_end]]}  # one word per word: the mentions' indices still hold
+        {**obj, "shape": SHAPE_OF_WORD[words[m.word_end]]}
         for obj, m in zip(spec["objects"], mentions, strict=True)
     ]
     if combo_keys({**spec, "objects": objects}) & heldout:
