@@ -381,6 +381,9 @@ def markdown(results: dict[str, Any]) -> str:
         "and loader), EMA weights scored at each step budget. Held-out = colour-shape-relation combinations never",
         "seen in training; train = prompts of training images. Loss columns: fixed batch of 64 training rows at",
         "fixed noise with the true text / another row's text / no text (a gap = the model uses the text).",
+        "Hard-negative rows name `model.hard_negative_kind`: until stop 35 the curve encoded the negatives itself;",
+        "now they are the cache's `negative_caption` column (`configs/starter/cache.yaml`: the starter's",
+        "`shape_negative`), so rerun those rows without that key on a cache built with the wanted column.",
         "",
     ]
     for name, rec in results.items():

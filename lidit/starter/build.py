@@ -4,7 +4,7 @@ Layout of a built starter directory (names are a contract other stages read)::
 
     summary.json                     paths, sizes, fingerprints, quality numbers, config (written last)
     data/{train,heldout}/part-NNNNN.parquet   columns STARTER_COLUMNS (image = PNG bytes, spec and grounding = JSON,
-                                     shape_negative / relation_negative = hard-negative captions of training rows)
+                                     shape_ / relation_ / binding_negative = hard-negative captions of training rows)
     images/{train,heldout}/<id>.png + <id>.txt   the same rows as an image folder with caption files
     tokenizer/                       PreTrainedTokenizerFast (AutoTokenizer)
     lm_llama/, lm_qwen2/             save_pretrained causal LMs + tokenizer files (AutoModelForCausalLM)
@@ -33,7 +33,7 @@ from typing import Any
 
 from lidit.config import dump_config
 from lidit.fingerprint import hash_files
-from lidit.starter.captions import caption_for, relation_negative, shape_negative
+from lidit.starter.captions import binding_negative, caption_for, relation_negative, shape_negative
 from lidit.starter.config import StarterConfig, config_hash, starter_config
 from lidit.starter.evaluator import EvalReport, aggregate, control_reports, score_image
 from lidit.starter.layout import relation_grounding
@@ -43,7 +43,8 @@ from lidit.starter.scenes import SPLITS, heldout_combos, sample_scenes
 FORMAT_VERSION = 1
 SUMMARY_FILE = "summary.json"
 STARTER_COLUMNS: tuple[str, ...] = (
-    "id", "image", "caption", "spec", "grounding", "shape_negative", "relation_negative", "width", "height",
+    "id", "image", "caption", "spec", "grounding", "shape_negative", "relation_negative", "binding_negative",
+    "width", "height",
 )  # fmt: skip
 STAGES: tuple[str, ...] = ("data", "tokenizer", "lm_llama", "lm_qwen2", "vae", "evaluator")
 _STAGE_PATHS: dict[str, list[str]] = {
@@ -55,7 +56,7 @@ _STAGE_PATHS: dict[str, list[str]] = {
     "evaluator": [],
 }
 # Bumped when a stage's code changes what it writes, so old outputs are rebuilt rather than reused.
-_STAGE_VERSIONS = {"data": 4, "tokenizer": 1, "lm_llama": 1, "lm_qwen2": 1, "vae": 3, "evaluator": 2}
+_STAGE_VERSIONS = {"data": 5, "tokenizer": 1, "lm_llama": 1, "lm_qwen2": 1, "vae": 3, "evaluator": 2}
 _EVAL_LIMIT = 300  # images per split scored by the build's evaluator check
 
 
@@ -70,10 +71,11 @@ def starter_schema() -> Any:
             ("caption", pa.string()),
             ("spec", pa.string()),
             ("grounding", pa.string()),  # JSON phrase boxes of relation captions (lidit.layout), else []
-            # Hard-negative captions (`captions.shape_negative` / `relation_negative`), null where a row has
-            # none: training rows only, and never naming a held-out key.
+            # Hard-negative captions (`captions.shape_negative` / `relation_negative` / `binding_negative`), null
+            # where a row has none: training rows only, and never naming a held-out key.
             ("shape_negative", pa.string()),
             ("relation_negative", pa.string()),
+            ("binding_negative", pa.string()),
             ("width", pa.int32()),
             ("height", pa.int32()),
         ]
@@ -292,6 +294,9 @@ def _stage_data(cfg: StarterConfig, out: Path, log: _Log) -> dict[str, Any]:
                     if split == "train"
                     else None,
                     "relation_negative": relation_negative(caption, spec, held) if split == "train" else None,
+                    "binding_negative": binding_negative(caption, spec, held, cfg.seed)
+                    if split == "train"
+                    else None,
                     "width": size,
                     "height": size,
                 }

@@ -216,6 +216,32 @@ def shape_negative(caption: str, spec: dict[str, Any], heldout: set[ComboKey], s
     return swapped
 
 
+def binding_negative(caption: str, spec: dict[str, Any], heldout: set[ComboKey], seed: int = 0) -> str | None:
+    """A hard negative caption for a training image that tests binding: where the scene's object groups have
+    two or more colours, the colours passed round between them ("a red square and a blue circle" -> "a blue
+    square and a red circle": the same words, other pairs); in a one-colour scene, `shape_negative`.
+
+    None where a group is not found in the caption or the negative would name a held-out key.
+    """
+    mentions = locate_mentions(caption, spec)
+    if any(m is None for m in mentions):
+        return None
+    colours = [obj["colour"] for obj in spec["objects"]]
+    if len(set(colours)) != len(colours) or len(colours) < 2:
+        return shape_negative(caption, spec, heldout, seed)
+    passed = colours[1:] + colours[:1]  # every group takes the next group's colour: none keeps its own
+    objects = [{**obj, "colour": c} for obj, c in zip(spec["objects"], passed, strict=True)]
+    if combo_keys({**spec, "objects": objects}) & heldout:
+        return None
+    spans = prompt_word_spans(caption)
+    out = caption
+    # Right to left, so earlier spans stay valid; the colour word is the one before each mention's shape word.
+    for m, colour in sorted(zip(mentions, passed, strict=True), key=lambda mc: -mc[0].word_end):
+        start, end = spans[m.word_end - 1]
+        out = out[:start] + colour + out[end:]
+    return out
+
+
 def caption_for(spec: dict[str, Any], seed: int, sample_id: str) -> Caption:
     """The caption of sample `sample_id`: a pure function of seed, id and spec."""
     digest = hashlib.sha256(f"caption:{seed}:{sample_id}".encode()).hexdigest()

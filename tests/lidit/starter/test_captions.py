@@ -6,6 +6,7 @@ import pytest
 
 from lidit.starter.captions import (
     OPPOSITE_RELATION_WORDS,
+    binding_negative,
     caption_for,
     known_vocabulary,
     locate_mentions,
@@ -157,3 +158,37 @@ def test_shape_negative_swaps_every_shape_and_never_names_a_held_out_key() -> No
     assert negative is not None and negative.startswith("three red ") and negative != "three red circles"
     swapped = negative.split()[-1].rstrip("s")
     assert shape_negative("three red circles", spec, {("red", swapped, "x3")}) is None
+
+
+def test_binding_negative_passes_the_colours_round_and_never_names_a_held_out_key() -> None:
+    passed = 0
+    for sid, spec in SAMPLES:
+        cap = caption_for(spec, 0, sid)
+        negative = binding_negative(cap.text, spec, HELD)
+        colours = [obj["colour"] for obj in spec["objects"]]
+        if len(set(colours)) < 2:  # one colour: nothing to pass round, the shape swap instead
+            assert negative == shape_negative(cap.text, spec, HELD)
+            continue
+        if negative is None:
+            continue
+        passed += 1
+        words, original = negative.split(), cap.text.split()
+        assert sorted(words) == sorted(original) and words != original  # the same words, other pairs
+        objects = []
+        for m, obj in zip(cap.mentions, spec["objects"], strict=True):
+            colour = words[m.word_end - 1]
+            assert colour != obj["colour"] and words[m.word_end] == original[m.word_end], (cap.text, negative)
+            objects.append({**obj, "colour": colour})
+        assert not combo_keys({**spec, "objects": objects}) & HELD
+    assert passed > 500  # pair and relation scenes with two colours, but for held-out-naming swaps
+    spec = {
+        "kind": "relation",
+        "objects": [
+            {"colour": "red", "shape": "square", "count": 1},
+            {"colour": "blue", "shape": "circle", "count": 1},
+        ],
+        "relation": {"subject": 0, "object": 1, "relation": "left_of"},
+    }
+    text = "a red square left of a big blue circle"
+    assert binding_negative(text, spec, set()) == "a blue square left of a big red circle"
+    assert binding_negative(text, spec, {("red", "circle", "right_of")}) is None
