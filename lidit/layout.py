@@ -34,6 +34,16 @@ class LayoutTargets(NamedTuple):
     targets: list[torch.Tensor]
     mask: list[torch.Tensor]
 
+    def padded_to(self, lengths: list[int]) -> LayoutTargets:
+        """Each branch's token axis padded to `lengths` with tokens that have no target: the targets of a batch
+        whose prompt tokens were re-padded to longer rows stacked with it (hard-negative captions)."""
+        targets, masks = [], []
+        for target, mask, length in zip(self.targets, self.mask, lengths, strict=True):
+            extra = length - target.shape[1]
+            targets.append(torch.cat([target, target.new_zeros(target.shape[0], extra, 2)], dim=1))
+            masks.append(torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1))
+        return LayoutTargets(targets, masks)
+
 
 def parse_grounding(value: Any, caption: str) -> Grounding:
     """A grounding from its stored form (a list of 6-number lists, or that list as JSON text; None = none),

@@ -89,9 +89,6 @@ class ModelSection(StrictModel):
                 f"hard_negative_min_sigma {self.hard_negative_min_sigma} is above hard_negative_max_sigma "
                 f"{self.hard_negative_max_sigma}: the hard-negative term would never apply"
             )
-        if self.hard_negative_weight > 0 and self.layout_weight > 0:
-            # Negative rows re-pad the prompt tokens, which the layout targets are aligned to.
-            raise ValueError("hard_negative_weight and layout_weight cannot both be on yet; set one to 0")
         return self
 
 

@@ -109,9 +109,9 @@ def train_step(
                 for t, n in zip(texts, negatives.texts, strict=True)
             ]
     use_layout = layout is not None and cfg.model.layout_weight > 0
-    # Negative rows re-pad the prompt tokens, which the layout targets are aligned to.
     if use_layout and neg_rows is not None:
-        raise ValueError("layout targets and hard negatives cannot share a step yet")
+        # Longer negative rows re-pad every row's prompt tokens: pad the targets with them, so they stay aligned.
+        layout = layout.padded_to([t.states.shape[1] - t.prefix_len for t in texts])
     out = model(noisy.to(device), timesteps.to(device), texts, with_layout=use_layout)
     pred, layout_pred = out if use_layout else (out, None)
     pred = pred.float()  # (B [+ K], C, H, W)

@@ -49,8 +49,6 @@ class FakeReader:
         ("modle.preset=S", "modle", "unknown key"),
         # The band's floor defaults to 0.7: a ceiling below it leaves the term nothing to apply to.
         ("model.hard_negative_max_sigma=0.5", "model", "above hard_negative_max_sigma"),
-        # Negative rows re-pad the prompt tokens the layout targets align to: not in one step yet.
-        ("model.hard_negative_weight=0.5 model.layout_weight=0.5", "model", "cannot both be on yet"),
     ],
 )
 def test_bad_value_exits_2_with_one_line(

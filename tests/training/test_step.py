@@ -366,6 +366,31 @@ def test_layout_supervision_trains_the_text_path_not_the_logged_loss() -> None:
     assert all(torch.equal(none[n], plain[n]) for n in plain)
 
 
+def test_layout_targets_stay_aligned_when_longer_negative_rows_re_pad_the_prompts() -> None:
+    _, texts = _batch(0, 1)
+    longer = []  # row 1's negative caption: its prompt tokens and 3 more, longer than any row of the batch
+    for t in texts:
+        states = torch.cat([t.states[1:], t.states[1:, -3:]], dim=1)
+        longer.append(TextFeatures(states, torch.ones(states.shape[:2], dtype=torch.bool), t.prefix_len))
+    negatives = HardNegatives(torch.tensor([1]), longer)
+    cfg = _hard_negative_cfg(1.0)
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"layout_weight": 0.5}),
+            "optim": cfg.optim.model_copy(update={"grad_clip": 1e9}),  # no clipping, as in `_layout_grads`
+        }
+    )
+    loss, grads = _step_grads(cfg, negatives, _layout_targets(PER_RANK), layout_head=True)
+    layout_loss, layout_only = _layout_grads(0.5, _layout_targets(PER_RANK))
+    assert loss == pytest.approx(
+        layout_loss, rel=1e-5
+    )  # the batch's own rows predict as before the re-padding
+    # The head reads only the prompt tokens and feeds only the layout term: same targets, same gradient.
+    for name in (n for n in grads if n.startswith("layout_head")):
+        torch.testing.assert_close(grads[name], layout_only[name], atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(_flat(grads), _flat(layout_only))  # and the hard negatives trained the rest
+
+
 def test_layout_term_averages_target_tokens_of_kept_rows() -> None:
     layout = LayoutTargets(
         [torch.zeros(2, 3, 2)], [torch.tensor([[True, False, False], [True, True, False]])]
