@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lidit.cache.reader import CacheReader, batch_to_training_inputs
-from lidit.config import lidit_home, load_config
+from lidit.config import ConfigError, lidit_home, load_config
 from lidit.encoder import EncoderConfig, PromptEncoder
 from lidit.experiment import EvalSection, evaluate_pipeline, report_metrics
 from lidit.generator import LiDiTGenerator, TextFeatures
@@ -48,6 +48,7 @@ from training.loop import build_generator_config, select_branches, select_layout
 from training.parallelize import wrap_single_worker
 from training.state import EMA
 from training.step import build_optimizer, step_generator, train_step
+from training.train import check_against_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -205,6 +206,10 @@ def run_curve(
     the rows it finished. With `save_dir`, the EMA generator of each budget is saved as `save_dir/step_N`
     (to re-score it with other sampler settings without training again)."""
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
+    try:  # the checks `lidit train` makes: layout targets or negatives the recipe needs, encoders, batch fill
+        check_against_cache(cfg, reader)
+    except ConfigError as exc:
+        raise SystemExit(f"{reader.uri}: {exc}") from None
     names = cfg.model.encoders or reader.encoder_names
     gen_config = build_generator_config(cfg, reader)
     torch.manual_seed(cfg.seed)
@@ -212,19 +217,8 @@ def run_curve(
     wrap_single_worker(model, cfg.scale)
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
-    use_layout = cfg.model.layout_weight > 0
-    if use_layout and not reader.has_layout:
-        raise SystemExit(
-            f"{reader.uri} has no layout targets: rebuild it (configs/starter/cache.yaml grounds them)"
-        )
-    use_negatives = cfg.model.hard_negative_weight > 0
-    if use_negatives and not reader.has_negatives:
-        raise SystemExit(
-            f"{reader.uri} has no negative captions: rebuild it (configs/starter/cache.yaml reads the starter's)"
-        )
-    batches = bucketed_batches(
-        reader, cfg.batch_size, 0, 1, cfg.seed, layout=use_layout, negatives=use_negatives
-    )
+    extras = {"layout": cfg.model.layout_weight > 0, "negatives": cfg.model.hard_negative_weight > 0}
+    batches = bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, **extras)
     fixed = head_rows(reader, 64)
     fixed_latents, fixed_texts, _ = batch_to_training_inputs(fixed, reader)
     fixed_texts = select_branches(fixed_texts, reader, names)

@@ -119,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
         overrides = [f"tracking.eval_starter={assets.root}", f"tracking.eval_prompts={args.prompts}"]
         overrides += [f"steps={args.steps}"] if args.steps else []
         train_cfg = load_config(TrainConfig, CONFIG_DIR / "train.yaml", overrides)
+        workers, strategy = train_cfg.scale.workers, train_cfg.scale.strategy
         _log(
-            f"3/6 training {train_cfg.steps} steps, {train_cfg.scale.workers} workers (Ray Train, scale.strategy {train_cfg.scale.strategy})"
+            f"3/6 training {train_cfg.steps} steps, {workers} workers (Ray Train, scale.strategy {strategy})"
         )
         trained = run_training(train_cfg)
         stage("train", t0)

@@ -261,6 +261,19 @@ def _captions(cfg: StarterConfig, split: str, n: int) -> list[str]:
     return [caption_for(spec, cfg.seed, sid).text for sid, spec in _scenes(cfg, split, n)]
 
 
+def _negative_captions(
+    caption: str, spec: dict[str, Any], held: set[Any], seed: int, split: str
+) -> dict[str, str | None]:
+    """The hard-negative columns of one row: training rows only (held-out rows are never trained on)."""
+    if split != "train":
+        return {"shape_negative": None, "relation_negative": None, "binding_negative": None}
+    return {
+        "shape_negative": shape_negative(caption, spec, held, seed),
+        "relation_negative": relation_negative(caption, spec, held),
+        "binding_negative": binding_negative(caption, spec, held, seed),
+    }
+
+
 def _stage_data(cfg: StarterConfig, out: Path, log: _Log) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -290,16 +303,10 @@ def _stage_data(cfg: StarterConfig, out: Path, log: _Log) -> dict[str, Any]:
                     "caption": caption,
                     "spec": spec_json,
                     "grounding": json.dumps(relation_grounding(caption, spec)),
-                    "shape_negative": shape_negative(caption, spec, held, cfg.seed)
-                    if split == "train"
-                    else None,
-                    "relation_negative": relation_negative(caption, spec, held) if split == "train" else None,
-                    "binding_negative": binding_negative(caption, spec, held, cfg.seed)
-                    if split == "train"
-                    else None,
                     "width": size,
                     "height": size,
                 }
+                | _negative_captions(caption, spec, held, cfg.seed, split)
             )
             kinds[spec["kind"]] += 1
             if len(rows) >= cfg.data.shard_rows or len(rows) + shard * cfg.data.shard_rows == n:

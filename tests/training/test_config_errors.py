@@ -54,8 +54,7 @@ class FakeReader:
 def test_bad_value_exits_2_with_one_line(
     override: str, key: str, allowed: str, nothing_starts: None, capsys: pytest.CaptureFixture
 ) -> None:
-    sets = [arg for item in override.split() for arg in ("--set", item)]
-    assert training.train.main([*sets, "--steps", "3"]) == 2
+    assert training.train.main(["--set", override, "--steps", "3"]) == 2
     out = capsys.readouterr()
     assert out.out == ""
     lines = out.err.splitlines()
