@@ -15,7 +15,10 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "starter"
 
@@ -28,8 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--preset", default="default", choices=["default", "micro"], help="starter asset size"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: configs/starter/train.yaml)"
+        "--train-config",
+        type=Path,
+        default=CONFIG_DIR / "train.yaml",
+        help="training recipe (e.g. configs/starter/train_long_layout.yaml: prompt following in about an hour); "
+        "the model it registers is the one served and scored",
     )
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     parser.add_argument("--prompts", type=int, default=100, help="held-out prompts to generate and score")
     parser.add_argument(
         "--concurrency", type=int, default=8, help="requests in flight (the server batches them)"
@@ -69,6 +77,19 @@ def mlflow_run_url(tracking_uri: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
+def served_model(train_cfg: TrainConfig) -> list[str]:
+    """Serve-config overrides that serve the version the training recipe registers, under its alias."""
+    from lidit.config import ConfigError
+
+    name, alias = train_cfg.tracking.registered_model, train_cfg.tracking.alias
+    if not name or not alias:
+        raise ConfigError(
+            "the quickstart serves the version its training recipe registers: set tracking.registered_model "
+            "and tracking.alias in the recipe"
+        )
+    return [f"model=models:/{name}@{alias}", f"served_model_name={name}"]
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -88,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
     from training.train import run_training
 
     home = lidit_home()
+    # The recipe is read first, so a wrong path or key fails in one line before any stage runs.
+    overrides = [f"tracking.eval_starter={home / 'starter'}", f"tracking.eval_prompts={args.prompts}"]
+    overrides += [f"steps={args.steps}"] if args.steps else []
+    train_cfg = load_config(TrainConfig, args.train_config, overrides)
+    serve_model = served_model(train_cfg)
     out = home / "quickstart"
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -116,9 +142,6 @@ def run(args: argparse.Namespace) -> int:
 
         t0 = time.perf_counter()
         # The run and its registered version carry the held-out scores of exactly the exported weights.
-        overrides = [f"tracking.eval_starter={assets.root}", f"tracking.eval_prompts={args.prompts}"]
-        overrides += [f"steps={args.steps}"] if args.steps else []
-        train_cfg = load_config(TrainConfig, CONFIG_DIR / "train.yaml", overrides)
         workers, strategy = train_cfg.scale.workers, train_cfg.scale.strategy
         _log(
             f"3/6 training {train_cfg.steps} steps, {workers} workers (Ray Train, scale.strategy {strategy})"
@@ -127,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         stage("train", t0)
 
         t0 = time.perf_counter()
-        serve_cfg = load_config(ServeConfig, CONFIG_DIR / "serve.yaml", [f"port={args.port or _free_port()}"])
+        port = [f"port={args.port or _free_port()}"]
+        serve_cfg = load_config(ServeConfig, CONFIG_DIR / "serve.yaml", serve_model + port)
         _log(f"4/6 serving {serve_cfg.model} (Ray Serve on {serve_cfg.host}:{serve_cfg.port})")
         url = start(serve_cfg)
         stage("serve_start", t0)
