@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--train-config",
         type=Path,
         default=CONFIG_DIR / "train.yaml",
-        help="training recipe (e.g. configs/starter/train_long_layout.yaml: prompt following in about an hour); "
-        "the model it registers is the one served and scored",
+        help="training recipe; the version it registers is the one served and scored (e.g. "
+        "configs/starter/train_long_layout.yaml: held-out colour / shape / binding 1.00 / 0.85 / 0.83, 47 min on 2 cores)",
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     parser.add_argument("--prompts", type=int, default=100, help="held-out prompts to generate and score")
