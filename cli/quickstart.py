@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     from training.train import run_training
 
     home = lidit_home()
-    # The recipe is read first, so a wrong path or key fails in one line before any stage runs.
+    # The recipe is read first, so a wrong path or key fails in one line before any stage runs. The run and its
+    # registered version carry the held-out scores of exactly the exported weights.
     overrides = [f"tracking.eval_starter={home / 'starter'}", f"tracking.eval_prompts={args.prompts}"]
     overrides += [f"steps={args.steps}"] if args.steps else []
     train_cfg = load_config(TrainConfig, args.train_config, overrides)
@@ -141,7 +142,6 @@ def run(args: argparse.Namespace) -> int:
         stage("cache", t0)
 
         t0 = time.perf_counter()
-        # The run and its registered version carry the held-out scores of exactly the exported weights.
         workers, strategy = train_cfg.scale.workers, train_cfg.scale.strategy
         _log(
             f"3/6 training {train_cfg.steps} steps, {workers} workers (Ray Train, scale.strategy {strategy})"
