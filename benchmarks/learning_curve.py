@@ -44,7 +44,13 @@ from lidit.starter import heldout_prompts, iter_split
 from lidit.starter.captions import swap_attribute_words, swap_relation_words
 from training.config import TrainConfig
 from training.data import bucketed_batches, head_rows
-from training.loop import build_generator_config, select_branches, select_layout, select_negatives
+from training.loop import (
+    batch_extras,
+    build_generator_config,
+    select_branches,
+    select_layout,
+    select_negatives,
+)
 from training.parallelize import wrap_single_worker
 from training.state import EMA
 from training.step import build_optimizer, step_generator, train_step
@@ -217,8 +223,7 @@ def run_curve(
     wrap_single_worker(model, cfg.scale)
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
-    extras = {"layout": cfg.model.layout_weight > 0, "negatives": cfg.model.hard_negative_weight > 0}
-    batches = bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, **extras)
+    batches = bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, **batch_extras(cfg))
     fixed = head_rows(reader, 64)
     fixed_latents, fixed_texts, _ = batch_to_training_inputs(fixed, reader)
     fixed_texts = select_branches(fixed_texts, reader, names)

@@ -87,7 +87,13 @@ def steady_rate(windows: list[float]) -> float:
 def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
     """`train_step` in a plain loop: one process, no Ray, no data-parallel wrapper, pre-decoded batches."""
     from training.data import bucketed_batches
-    from training.loop import build_generator_config, select_branches, select_layout, select_negatives
+    from training.loop import (
+        batch_extras,
+        build_generator_config,
+        select_branches,
+        select_layout,
+        select_negatives,
+    )
     from training.parallelize import wrap_single_worker
 
     torch.set_num_threads(args.threads)
@@ -95,8 +101,7 @@ def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
     # Recipes with layout targets or hard negatives also read them per batch, as in the Ray loop.
-    extras = {"layout": cfg.model.layout_weight > 0, "negatives": cfg.model.hard_negative_weight > 0}
-    batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, **extras)
+    batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, **batch_extras(cfg))
     for batch in source:
         texts = select_branches(batch.texts, reader, names)
         hard = select_negatives(batch.negatives, reader, names)

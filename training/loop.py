@@ -46,6 +46,12 @@ from training.step import MetricWindow, build_optimizer, step_generator, train_s
 T = TypeVar("T")
 
 
+def batch_extras(cfg: TrainConfig) -> dict[str, bool]:
+    """The optional columns a recipe's batches read (`bucketed_batches` keywords): layout targets and hard
+    negatives only when their loss terms are weighted. One decision for the Ray loop and the benchmarks."""
+    return {"layout": cfg.model.layout_weight > 0, "negatives": cfg.model.hard_negative_weight > 0}
+
+
 def build_generator_config(cfg: TrainConfig, reader: CacheReader) -> GeneratorConfig:
     """Generator config from the preset, the ablation switches and the cache's encoder widths."""
     names = cfg.model.encoders or reader.encoder_names
@@ -150,8 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cfg.seed,
         epoch,
         position,
-        layout=cfg.model.layout_weight > 0,
-        negatives=cfg.model.hard_negative_weight > 0,
+        **batch_extras(cfg),
     )
     fail_marker = Path(cfg.storage_path) / cfg.name / ".failed_once"
     window = MetricWindow()

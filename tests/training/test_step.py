@@ -382,9 +382,8 @@ def test_layout_targets_stay_aligned_when_longer_negative_rows_re_pad_the_prompt
     )
     loss, grads = _step_grads(cfg, negatives, _layout_targets(PER_RANK), layout_head=True)
     layout_loss, layout_only = _layout_grads(0.5, _layout_targets(PER_RANK))
-    assert loss == pytest.approx(
-        layout_loss, rel=1e-5
-    )  # the batch's own rows predict as before the re-padding
+    # The batch's own rows predict as before the re-padding.
+    assert loss == pytest.approx(layout_loss, rel=1e-5)
     # The head reads only the prompt tokens and feeds only the layout term: same targets, same gradient.
     for name in (n for n in grads if n.startswith("layout_head")):
         torch.testing.assert_close(grads[name], layout_only[name], atol=1e-6, rtol=1e-4)
