@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="training recipe; the version it registers is the one served and scored (e.g. "
         "configs/starter/train_long_layout.yaml: held-out colour / shape / binding 1.00 / 0.85 / 0.83, 47 min on 2 cores)",
     )
+    parser.add_argument(
+        "--starter-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="starter override, as `lidit starter build --set` takes it (configs/starter/train_shapes.yaml "
+        "wants data.grid=8)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     parser.add_argument("--prompts", type=int, default=100, help="held-out prompts to generate and score")
     parser.add_argument(
@@ -98,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from lidit.config import lidit_home, load_config
     from lidit.images import make_grid
     from lidit.registry import configure_mlflow, mlflow_tracking_uri
-    from lidit.starter import build_starter, heldout_prompts
+    from lidit.starter import build_starter, heldout_prompts, starter_config
     from lidit.starter.evaluator import format_report, score_folder, write_image_folder
     from pipelines.build import build_cache
     from pipelines.config import load_build_config
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     overrides += [f"steps={args.steps}"] if args.steps else []
     train_cfg = load_config(TrainConfig, args.train_config, overrides)
     serve_model = served_model(train_cfg)
+    starter_config(args.preset, args.starter_set)  # a bad override fails here too, before any stage
     out = home / "quickstart"
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -126,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
         _log(f"{name} done in {timings[name]} s")
 
     t0 = time.perf_counter()
-    _log(f"1/6 starter assets ({args.preset}) under {home / 'starter'}")
-    assets = build_starter(home / "starter", preset=args.preset, progress=True)
+    with_sets = f" with {', '.join(args.starter_set)}" if args.starter_set else ""
+    _log(f"1/6 starter assets ({args.preset}{with_sets}) under {home / 'starter'}")
+    assets = build_starter(home / "starter", preset=args.preset, overrides=args.starter_set, progress=True)
     stage("starter", t0)
 
     # One Ray for every stage (cluster.ensure_ray: the cluster $RAY_ADDRESS names, else a private local one

@@ -39,3 +39,14 @@ def test_a_missing_recipe_fails_in_one_line_before_any_stage(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lidit quickstart: config error: config file not found: {tmp_path / 'nope.yaml'}"]
     assert not (tmp_path / "home" / "starter").exists()  # nothing built
+
+
+def test_a_bad_starter_override_is_a_config_error_before_any_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("LIDIT_HOME", str(tmp_path / "home"))
+    assert main(["quickstart", "--starter-set", "data.grid=-8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "lidit quickstart: config error: invalid StarterConfig config:"
+    assert err[1:] == ["  data.grid: Input should be greater than or equal to 0 (got -8)"]
+    assert not (tmp_path / "home" / "starter").exists()  # nothing built
