@@ -100,6 +100,12 @@ class OptimSection(StrictModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    text_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="learning rate of the text path (refiners, collaborative refiner, null token, text pool, "
+        "cross-attention) relative to lr; 1 = one rate for every parameter (training.step.TEXT_PATH)",
+    )
     implementation: Literal["auto", "foreach", "fused"] = Field(
         "auto",
         description="AdamW kernels: fused = one kernel over all parameters per step; foreach = multi-tensor "

@@ -38,6 +38,24 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, rank, step)) % (2**63))
 
 
+# Parameter names (as `named_parameters` gives them, FSDP2 and replicas alike) of the path that carries the
+# prompt into the generator; `optim.text_lr_scale` sets their learning rate relative to the rest.
+TEXT_PATH = ("refiners.", "collaborative.", "null_token", "text_pool.", ".cross_attn.")
+
+
+def parameter_groups(model: nn.Module, text_lr_scale: float) -> list[dict]:
+    """One AdamW group per learning-rate scale: all parameters at scale 1, or the text path (`TEXT_PATH`) at
+    `text_lr_scale` and the rest at 1. `train_step` sets each group's lr to the schedule's lr times its scale."""
+    if text_lr_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    text, rest = [], []
+    for name, param in model.named_parameters():
+        (text if any(key in name for key in TEXT_PATH) else rest).append(param)
+    if not text:
+        raise ValueError("optim.text_lr_scale is set but the model has no text-path parameters")
+    return [{"params": rest, "lr_scale": 1.0}, {"params": text, "lr_scale": text_lr_scale}]
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the (possibly sharded) parameters, with the kernels `optim.implementation` names.
 
@@ -52,7 +70,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if kind == "auto":
         kind = "fused" if next(model.parameters()).is_cuda else "foreach"
     return torch.optim.AdamW(
-        model.parameters(),
+        parameter_groups(model, cfg.optim.text_lr_scale),
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
         weight_decay=cfg.optim.weight_decay,
@@ -92,7 +110,7 @@ def train_step(
     )
     lr = lr_at(step, cfg.steps, cfg.optim)
     for group in optim.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     noisy, timesteps = targets.noisy, targets.timesteps
     neg_rows = None
     if negatives is not None and cfg.model.hard_negative_weight > 0:

@@ -19,7 +19,7 @@ from lidit.layout import LayoutTargets
 from tests.ports import free_port
 from training.config import TrainConfig
 from training.parallelize import REPLICATE_MAX_PARAMS_CPU, parallelize, resolve_strategy
-from training.state import EMA, full_model_state
+from training.state import EMA, full_model_state, lr_at
 from training.step import (
     HardNegatives,
     MetricWindow,
@@ -192,6 +192,29 @@ def test_resolve_strategy() -> None:
         resolve_strategy("replicate", "cuda", 2, small, bf16=True)
     with pytest.raises(ValueError, match="bf16"):
         TrainConfig.model_validate({"scale": {"strategy": "replicate", "mixed_precision": "bf16"}})
+
+
+def test_text_lr_scale_sets_the_text_paths_rate_and_only_its_rate() -> None:
+    cfg = _cfg()
+    cfg.optim.text_lr_scale = 4.0
+    model = _model()
+    optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
+    rest, text = optim.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    text_names = {names[id(p)] for p in text["params"]}
+    assert len(rest["params"]) + len(text["params"]) == len(names)  # every parameter, once
+    expected = {
+        n
+        for n in names.values()
+        if n.startswith(("refiners.", "collaborative.", "null_token", "text_pool.")) or ".cross_attn." in n
+    }
+    assert text_names == expected and "backbone.blocks.0.cross_attn.to_kv.weight" in text_names
+    latents, texts = _batch(0, 3)
+    train_step(model, optim, ema, latents, texts, cfg, 3, step_generator(0, 0, 3))
+    assert text["lr"] == pytest.approx(4.0 * rest["lr"]) and rest["lr"] == pytest.approx(
+        lr_at(3, STEPS, cfg.optim)
+    )
+    assert len(build_optimizer(model, _cfg()).param_groups) == 1  # the default: one group, one rate
 
 
 def test_step_returns_tensors_and_window_means_them() -> None:
