@@ -65,3 +65,4 @@ def micro_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 from tests.ray_fixtures import ray_local  # noqa: E402, F401  (one shared Ray per session, for every stage test)
+from tests.short_runs import straight_weights  # noqa: E402, F401  (the uninterrupted run resume tests compare with)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-import torch
 
-from lidit.generator import LiDiTGenerator
-from lidit.pipeline import GENERATOR_DIR, LiDiTPipeline
-from lidit.registry import fetch_pipeline, find_pipeline_dir
+from lidit.pipeline import LiDiTPipeline
+from lidit.registry import fetch_pipeline
+from tests.short_runs import LAYOUT_MODEL, assert_same_weights, generator_weights, short_run
 from training.config import TrainConfig
 from training.train import run_training
 
@@ -21,34 +19,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def _config(micro_cache: str, tmp_path: Path, name: str, **kw) -> TrainConfig:
-    base = dict(
-        cache=micro_cache,
-        name=name,
-        storage_path=str(tmp_path / "runs"),
-        steps=8,
-        batch_size=8,
-        seed=3,
-        optim={"lr": 2e-3, "warmup_steps": 2, "ema_decay": 0.5},
-        checkpoint={"every": 4, "keep": 2, "max_failures": 1},
-        tracking={
-            "experiment": "test-train",
-            "registered_model": None,
-            "log_every": 1,
-            "num_samples": 2,
-            "sample_steps": 2,
-        },
-    )
-    for key, value in kw.items():
-        if isinstance(value, dict):
-            base[key] = {**base.get(key, {}), **value}
-        else:
-            base[key] = value
-    return TrainConfig.model_validate(base)
-
-
-def _generator_weights(run_id: str) -> dict[str, torch.Tensor]:
-    local = find_pipeline_dir(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="pipeline"))
-    return LiDiTGenerator.from_pretrained(local / GENERATOR_DIR).state_dict()
+    return TrainConfig.model_validate(short_run(micro_cache, tmp_path / "runs", name, **kw))
 
 
 def _starter_root(micro_cache: str) -> Path:
@@ -152,31 +123,6 @@ def test_version_serves_from_a_second_home_with_models_elsewhere(
         LiDiTPipeline.from_pretrained(local)
 
 
-# The resume runs train the layout recipe's model on the grounded micro cache: its layout targets travel
-# through the Ray loop too, and resume must replay them like the rest of a step.
-LAYOUT_MODEL = {"layout_weight": 0.5, "overrides": {"layout_attention": True}}
-
-
-@pytest.fixture(scope="module")
-def straight_weights(micro_cache: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """EMA weights of an uninterrupted 8-step run: the reference for resumed and restarted runs."""
-    summary = run_training(
-        _config(micro_cache, tmp_path_factory.mktemp("straight"), "straight", model=LAYOUT_MODEL)
-    )
-    assert summary["steps"] == 8
-    weights = _generator_weights(summary["mlflow_run_id"])
-    scales = [v for k, v in weights.items() if k.endswith("layout_scale")]
-    assert scales and all(s.abs().sum() > 0 for s in scales)  # zero-init: trained through the layout path
-    return weights
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    # Same data order, per-step RNG and schedule: equal up to float reassociation in the all-reduce.
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
-
-
 def test_resume_matches_uninterrupted_run(micro_cache: str, tmp_path: Path, straight_weights: dict) -> None:
     first = run_training(_config(micro_cache, tmp_path, "resumed", stop_after=4, model=LAYOUT_MODEL))
     assert first["steps"] == 4 and first["model_version"] is None
@@ -184,22 +130,7 @@ def test_resume_matches_uninterrupted_run(micro_cache: str, tmp_path: Path, stra
     second = run_training(_config(micro_cache, tmp_path, "resumed", model=LAYOUT_MODEL))
     assert second["steps"] == 8
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run across both invocations
-    _assert_same_weights(straight_weights, _generator_weights(second["mlflow_run_id"]))
-
-
-def test_killed_worker_restarts_from_checkpoint(
-    micro_cache: str, tmp_path: Path, straight_weights: dict
-) -> None:
-    summary = run_training(_config(micro_cache, tmp_path, "killed", fail_at_step=6, model=LAYOUT_MODEL))
-    assert summary["steps"] == 8
-    assert (tmp_path / "runs" / "killed" / ".failed_once").exists()  # a worker really died at step 6
-    # Resumed, not started again: steps 1-4 are logged once (a restart from scratch logs them twice; the
-    # survivor may log steps 5-6 again after the restart), and every step up to 8 is there.
-    history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "loss")
-    logged = Counter(m.step for m in history)
-    assert set(logged) == set(range(1, 9)) and all(logged[s] == 1 for s in range(1, 5)), logged
-    # Restarted from the step-4 checkpoint, the run ends exactly where an uninterrupted one does.
-    _assert_same_weights(straight_weights, _generator_weights(summary["mlflow_run_id"]))
+    assert_same_weights(straight_weights, generator_weights(second["mlflow_run_id"]))
 
 
 def test_the_run_records_system_metrics_dataset_and_resolved_params(
