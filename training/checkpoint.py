@@ -39,7 +39,30 @@ def training_state(model: Any, optim: Any, ema: EMA, train_state: torch.Tensor) 
 def load_training_state(
     model: Any, optim: Any, ema: EMA, train_state: torch.Tensor, reader: StorageReader
 ) -> None:
-    """Load every part in place (a collective: every rank calls it); each rank reads only what it holds."""
+    """Load every part in place (a collective: every rank calls it); each rank reads only what it holds.
+
+    The optimizer's parameter groups (one, or two with `optim.text_lr_scale`) must be the checkpoint's; each
+    group's rate scale stays the config's, as the learning rate itself does (`train_step` recomputes it)."""
+    saved = saved_param_groups(reader)
+    if saved != len(optim.param_groups):
+        raise CheckpointMismatchError(
+            f"the checkpoint's optimizer has {saved} parameter group(s), this config's has "
+            f"{len(optim.param_groups)} (optim.text_lr_scale 1 makes one, any other value two): resume with "
+            "the text_lr_scale it was trained with, or change `name` for a fresh run"
+        )
+    scales = [group.get("lr_scale", 1.0) for group in optim.param_groups]
     state = training_state(model, optim, ema, train_state)
     dcp.load(state, storage_reader=reader)
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for group, scale in zip(optim.param_groups, scales, strict=True):
+        group["lr_scale"] = scale
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that this run's config cannot resume."""
+
+
+def saved_param_groups(reader: StorageReader) -> int:
+    """How many optimizer parameter groups a DCP training checkpoint holds (from its metadata alone)."""
+    keys = reader.read_metadata().state_dict_metadata
+    return len({key.split(".")[2] for key in keys if key.startswith("optim.param_groups.")})

@@ -110,3 +110,35 @@ def test_each_rank_reads_about_half_of_the_checkpoint(ranks: tuple[list[dict], i
     # Each rank's shards are half of every sharded tensor (+ the tiny replicated train state): a rank that
     # downloaded or read the whole checkpoint would read `total`.
     assert all(0.4 * total < b < 0.6 * total for b in read), (read, total)
+
+
+def test_resume_keeps_the_configs_rate_scales_and_refuses_another_group_layout(tmp_path: Path) -> None:
+    """A checkpoint of a one-rate run cannot resume with two rates (nor the reverse): one clear error, not
+    DCP's missing-key traceback; with the same layout the config's scale wins over the checkpoint's."""
+    from tests.training.test_step import _batch, _cfg, _model
+    from training.checkpoint import CheckpointMismatchError
+    from training.step import build_optimizer, step_generator, train_step
+
+    def run(scale: float) -> tuple[torch.nn.Module, torch.optim.Optimizer, EMA]:
+        cfg = _cfg()
+        cfg.optim.text_lr_scale = scale
+        model = _model()
+        optim, ema = build_optimizer(model, cfg), EMA(model, cfg.optim.ema_decay)
+        latents, texts = _batch(0, 0)
+        train_step(model, optim, ema, latents, texts, cfg, 0, step_generator(0, 0, 0))
+        return model, optim, ema
+
+    for saved_scale, resumed_scale in ((1.0, 0.25), (0.25, 1.0)):
+        ckpt = tmp_path / f"from_{saved_scale}"
+        dcp.save(training_state(*run(saved_scale), torch.zeros(3, dtype=torch.long)), checkpoint_id=str(ckpt))
+        with pytest.raises(
+            CheckpointMismatchError, match="resume with the text_lr_scale it was trained with"
+        ):
+            load_training_state(
+                *run(resumed_scale), torch.zeros(3, dtype=torch.long), FileSystemReader(str(ckpt))
+            )
+
+    model, optim, ema = run(0.5)
+    train_state = torch.zeros(3, dtype=torch.long)
+    load_training_state(model, optim, ema, train_state, FileSystemReader(str(tmp_path / "from_0.25")))
+    assert [group["lr_scale"] for group in optim.param_groups] == [1.0, 0.5]
