@@ -31,12 +31,6 @@ def operational_error(exc: BaseException) -> CommandError | None:
     mismatch = _type("lidit.pipeline", "FingerprintMismatchError")
     if mismatch and isinstance(exc, mismatch):
         return CommandError(str(exc), "serve with the encoders and VAE the version was trained on")
-    checkpoint = _type("training.checkpoint", "CheckpointMismatchError")
-    if checkpoint and isinstance(exc, checkpoint):
-        return CommandError(
-            str(exc),
-            "resume with the optim.text_lr_scale it was trained with, or change `name` for a fresh run",
-        )
     transport = _type("httpx", "TransportError")
     if transport and isinstance(exc, transport):
         request = getattr(exc, "_request", None)

@@ -47,7 +47,8 @@ def load_training_state(
     if saved != len(optim.param_groups):
         raise CheckpointMismatchError(
             f"the checkpoint's optimizer has {saved} parameter group(s), this config's has "
-            f"{len(optim.param_groups)} (optim.text_lr_scale 1 makes one, any other value two)"
+            f"{len(optim.param_groups)} (optim.text_lr_scale 1 makes one, any other value two): resume with "
+            "the text_lr_scale it was trained with, or change `name` for a fresh run"
         )
     scales = [group.get("lr_scale", 1.0) for group in optim.param_groups]
     state = training_state(model, optim, ema, train_state)

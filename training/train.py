@@ -11,16 +11,13 @@ import argparse
 import json
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cluster import ensure_ray
 from lidit.config import ConfigError, dump_config, load_config
 from lidit.registry import configure_mlflow
 from training.args import add_arguments
 from training.config import TrainConfig
-
-if TYPE_CHECKING:
-    from training.checkpoint import CheckpointMismatchError
 
 RUN_TAG = "lidit.run"
 
@@ -185,18 +182,6 @@ def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
         print(f"[train] warning: {warning}", file=sys.stderr, flush=True)
 
 
-def checkpoint_mismatch(error: BaseException) -> CheckpointMismatchError | None:
-    """The `CheckpointMismatchError` a training worker raised, out of Ray Train's `WorkerGroupError` (whose
-    `worker_failures` hold each rank's exception, Ray's task error standing in for its cause)."""
-    from training.checkpoint import CheckpointMismatchError
-
-    for failure in getattr(error, "worker_failures", {}).values():
-        for candidate in (failure, getattr(failure, "cause", None)):
-            if isinstance(candidate, CheckpointMismatchError):
-                return candidate
-    return None
-
-
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training to `cfg.steps`; returns the summary printed by `--json`."""
     import mlflow
@@ -238,11 +223,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     result = trainer.fit()
     if result.error:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
-        mismatch = checkpoint_mismatch(result.error)
-        if (
-            mismatch is not None
-        ):  # the config, not the code: one line (cli.errors), not Ray's wrapped traceback
-            raise type(mismatch)(f"{cfg.storage_path}/{cfg.name}: {mismatch}") from None
         raise RuntimeError(f"training failed: {result.error}")
     client = mlflow.MlflowClient()
     metrics = result.metrics or {}

@@ -67,15 +67,6 @@ def test_serve_of_a_missing_export_dir_is_one_line(tmp_path: Path, capsys: pytes
     assert "no pipeline.json" in _one_line(capsys.readouterr().err)
 
 
-def test_a_checkpoint_the_config_cannot_resume_is_one_line() -> None:
-    from training.checkpoint import CheckpointMismatchError
-
-    error = operational_error(
-        CheckpointMismatchError("runs/x: the checkpoint's optimizer has 1 parameter group(s)")
-    )
-    assert error is not None and "runs/x: the checkpoint's optimizer has 1" in str(error)
-
-
 def test_bugs_are_not_operational_errors() -> None:
     assert operational_error(RuntimeError("internal error")) is None
     assert operational_error(KeyError("x")) is None
