@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from serving.config import ServeConfig
     from serving.run import start
     from training.config import TrainConfig
-    from training.train import run_training
+    from training.train import check_resume, run_training
 
     home = lidit_home()
     # The recipe is read first, so a wrong path or key fails in one line before any stage runs. The run and its
@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     train_cfg = load_config(TrainConfig, args.train_config, overrides)
     serve_model = served_model(train_cfg)
     starter_config(args.preset, args.starter_set)  # a bad override fails here too, before any stage
+    check_resume(train_cfg)  # and a home whose run the recipe cannot resume (another optimizer layout)
     out = home / "quickstart"
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

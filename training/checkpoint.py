@@ -9,6 +9,7 @@ from storage. Local (or shared) storage is read with DCP's `FileSystemReader`; o
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -43,13 +44,7 @@ def load_training_state(
 
     The optimizer's parameter groups (one, or two with `optim.text_lr_scale`) must be the checkpoint's; each
     group's rate scale stays the config's, as the learning rate itself does (`train_step` recomputes it)."""
-    saved = saved_param_groups(reader)
-    if saved != len(optim.param_groups):
-        raise CheckpointMismatchError(
-            f"the checkpoint's optimizer has {saved} parameter group(s), this config's has "
-            f"{len(optim.param_groups)} (optim.text_lr_scale 1 makes one, any other value two): resume with "
-            "the text_lr_scale it was trained with, or change `name` for a fresh run"
-        )
+    check_param_groups(reader, len(optim.param_groups))
     scales = [group.get("lr_scale", 1.0) for group in optim.param_groups]
     state = training_state(model, optim, ema, train_state)
     dcp.load(state, storage_reader=reader)
@@ -66,3 +61,37 @@ def saved_param_groups(reader: StorageReader) -> int:
     """How many optimizer parameter groups a DCP training checkpoint holds (from its metadata alone)."""
     keys = reader.read_metadata().state_dict_metadata
     return len({key.split(".")[2] for key in keys if key.startswith("optim.param_groups.")})
+
+
+def check_param_groups(reader: StorageReader, groups: int) -> None:
+    """Raise `CheckpointMismatchError` unless the checkpoint's optimizer has `groups` parameter groups."""
+    saved = saved_param_groups(reader)
+    if saved != groups:
+        raise CheckpointMismatchError(
+            f"the checkpoint's optimizer has {saved} parameter group(s), this config's has {groups} "
+            "(optim.text_lr_scale 1 makes one, any other value two): resume with the text_lr_scale it was "
+            "trained with, or change `name` for a fresh run"
+        )
+
+
+# Ray Train V2 records its checkpoints in this file of the run's folder; the run resumes from the latest.
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def latest_checkpoint_reader(storage_path: str, name: str) -> StorageReader | None:
+    """A DCP reader on the checkpoint that Ray Train resumes run `name` from, or None for a fresh run.
+
+    Read on the driver before Ray starts, so a checkpoint the config cannot load fails once, as a config
+    error, instead of in every worker `checkpoint.max_failures` times over. The storage is resolved as Ray
+    Train resolves `storage_path` (pyarrow's `FileSystem.from_uri`: a local path or `s3://...`)."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    run_dir = f"{root}/{name}"
+    try:
+        with filesystem.open_input_stream(f"{run_dir}/{RAY_CHECKPOINT_SNAPSHOT}") as stream:
+            snapshot = json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    return storage_reader(f"{run_dir}/{latest}", filesystem) if latest else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -206,6 +207,13 @@ class TrainConfig(StrictModel):
         "`steps`); run again to continue. For time-boxed or preemptible jobs.",
     )
     fail_at_step: int | None = Field(None, description="test hook: one worker dies once at this step")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _absolute_storage(cls, value: str) -> str:
+        # Ray Train (pyarrow's FileSystem.from_uri) takes an absolute path or a URI; a relative path is the
+        # driver's working directory, as a user means it.
+        return value if "://" in value else os.path.abspath(os.path.expanduser(value))
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -43,10 +43,15 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 TEXT_PATH = ("refiners.", "collaborative.", "null_token", "text_pool.", ".cross_attn.")
 
 
+def optimizer_group_count(text_lr_scale: float) -> int:
+    """How many AdamW parameter groups `parameter_groups` makes for this `optim.text_lr_scale`."""
+    return 1 if text_lr_scale == 1.0 else 2
+
+
 def parameter_groups(model: nn.Module, text_lr_scale: float) -> list[dict]:
     """One AdamW group per learning-rate scale: all parameters at scale 1, or the text path (`TEXT_PATH`) at
     `text_lr_scale` and the rest at 1. `train_step` sets each group's lr to the schedule's lr times its scale."""
-    if text_lr_scale == 1.0:
+    if optimizer_group_count(text_lr_scale) == 1:
         return [{"params": list(model.parameters()), "lr_scale": 1.0}]
     text, rest = [], []
     for name, param in model.named_parameters():

@@ -182,6 +182,21 @@ def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
         print(f"[train] warning: {warning}", file=sys.stderr, flush=True)
 
 
+def check_resume(cfg: TrainConfig) -> None:
+    """A run that resumes (same `storage_path` + `name`) must be able to load its latest checkpoint: checked on
+    the driver before Ray starts, where a mismatch is one config error naming the key."""
+    from training.checkpoint import CheckpointMismatchError, check_param_groups, latest_checkpoint_reader
+    from training.step import optimizer_group_count
+
+    checkpoint = latest_checkpoint_reader(cfg.storage_path, cfg.name)
+    if checkpoint is None:
+        return
+    try:
+        check_param_groups(checkpoint, optimizer_group_count(cfg.optim.text_lr_scale))
+    except CheckpointMismatchError as exc:
+        raise ConfigError(f"optim.text_lr_scale: {exc}") from None
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training to `cfg.steps`; returns the summary printed by `--json`."""
     import mlflow
@@ -194,6 +209,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     check_against_cache(cfg, reader)  # every config error before Ray starts and before the MLflow run
+    check_resume(cfg)
     ensure_ray()
     run_id = mlflow_run(cfg, reader)
     trainer = TorchTrainer(

@@ -131,3 +131,12 @@ def test_starter_recipes_build_their_generator(name: str, monkeypatch: pytest.Mo
     cfg = load_config(TrainConfig, Path(__file__).resolve().parents[2] / "configs" / "starter" / name, [])
     gen = build_generator_config(cfg, FakeReader())
     assert gen.layout_head == gen.layout_attention == (cfg.model.layout_weight > 0)
+
+
+def test_a_relative_storage_path_means_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Train (pyarrow's `FileSystem.from_uri`) rejects a relative path; the config resolves it as meant."""
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(storage_path="runs").storage_path == str(tmp_path / "runs")
+    assert TrainConfig(storage_path="s3://bucket/runs").storage_path == "s3://bucket/runs"

@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from lidit.config import ConfigError
 from lidit.pipeline import LiDiTPipeline
 from lidit.registry import fetch_pipeline
 from tests.short_runs import LAYOUT_MODEL, assert_same_weights, generator_weights, short_run
@@ -127,6 +128,12 @@ def test_resume_matches_uninterrupted_run(micro_cache: str, tmp_path: Path, stra
     first = run_training(_config(micro_cache, tmp_path, "resumed", stop_after=4, model=LAYOUT_MODEL))
     assert first["steps"] == 4 and first["model_version"] is None
     assert [p.name for p in (tmp_path / "runs" / "resumed").glob("step_*")] == ["step_000004"]
+    # A config whose optimizer the checkpoint cannot fill fails on the driver, from Ray's own record of the
+    # latest checkpoint, before Ray Train starts (not in every worker, max_failures times over).
+    with pytest.raises(ConfigError, match=r"^optim.text_lr_scale: the checkpoint's optimizer has 1 param"):
+        run_training(
+            _config(micro_cache, tmp_path, "resumed", model=LAYOUT_MODEL, optim={"text_lr_scale": 0.5})
+        )
     second = run_training(_config(micro_cache, tmp_path, "resumed", model=LAYOUT_MODEL))
     assert second["steps"] == 8
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run across both invocations
