@@ -10,6 +10,7 @@ from storage. Local (or shared) storage is read with DCP's `FileSystemReader`; o
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,12 +79,25 @@ def check_param_groups(reader: StorageReader, groups: int) -> None:
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def latest_checkpoint_reader(storage_path: str, name: str) -> StorageReader | None:
-    """A DCP reader on the checkpoint that Ray Train resumes run `name` from, or None for a fresh run.
+@dataclass(frozen=True)
+class LatestCheckpoint:
+    """The checkpoint Ray Train resumes a run from: where it is and the step it was saved at."""
 
-    Read on the driver before Ray starts, so a checkpoint the config cannot load fails once, as a config
-    error, instead of in every worker `checkpoint.max_failures` times over. The storage is resolved as Ray
-    Train resolves `storage_path` (pyarrow's `FileSystem.from_uri`: a local path or `s3://...`)."""
+    path: str
+    filesystem: Any  # pyarrow.fs.FileSystem
+    step: int | None
+
+    def reader(self) -> StorageReader:
+        return storage_reader(self.path, self.filesystem)
+
+
+def latest_checkpoint(storage_path: str, name: str) -> LatestCheckpoint | None:
+    """The checkpoint Ray Train resumes run `name` from (its own record in the run's folder), or None.
+
+    Read on the driver before Ray starts: a checkpoint the config cannot load fails once, as a config error,
+    instead of in every worker `checkpoint.max_failures` times over, and a finished run is not started again.
+    The storage is resolved as Ray Train resolves `storage_path` (pyarrow's `FileSystem.from_uri`: a local path
+    or `s3://...`)."""
     import pyarrow.fs
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
@@ -93,5 +107,8 @@ def latest_checkpoint_reader(storage_path: str, name: str) -> StorageReader | No
             snapshot = json.loads(stream.read())
     except FileNotFoundError:
         return None
-    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    return storage_reader(f"{run_dir}/{latest}", filesystem) if latest else None
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    if not latest.get("checkpoint_dir_name"):
+        return None
+    step = (latest.get("metrics") or {}).get("step")
+    return LatestCheckpoint(f"{run_dir}/{latest['checkpoint_dir_name']}", filesystem, step)

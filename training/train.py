@@ -2,7 +2,8 @@
 
 Connects to the running Ray cluster if there is one (RAY_ADDRESS or a local head started with `ray start`),
 else starts a local Ray. Creates (or, on resume, reuses) the MLflow run, then runs the Ray Train V2
-`TorchTrainer`. Starting the same `storage_path` + `name` again resumes from its latest checkpoint.
+`TorchTrainer`. Starting the same `storage_path` + `name` again resumes from its latest checkpoint (a run
+that already ended at `steps` is returned as it is, not started again).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster import ensure_ray
 from lidit.config import ConfigError, dump_config, load_config
@@ -19,11 +20,31 @@ from lidit.registry import configure_mlflow
 from training.args import add_arguments
 from training.config import TrainConfig
 
+if TYPE_CHECKING:
+    from training.checkpoint import LatestCheckpoint
+
 RUN_TAG = "lidit.run"
 
 
 # Keys of one invocation, not of the run: a resumed run may set them differently (or a test hook).
 INVOCATION_KEYS = ("fail_at_step", "stop_after")
+
+
+def find_run(cfg: TrainConfig) -> Any:
+    """The newest MLflow run of this training run (same storage + name), or None."""
+    import mlflow
+
+    configure_mlflow(cfg.tracking.experiment)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    found = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_key(cfg)}'", max_results=1
+    )  # newest first
+    return found[0] if found else None
+
+
+def run_key(cfg: TrainConfig) -> str:
+    return f"{cfg.storage_path}/{cfg.name}"
 
 
 def mlflow_run(cfg: TrainConfig, reader: Any) -> str:
@@ -33,16 +54,12 @@ def mlflow_run(cfg: TrainConfig, reader: Any) -> str:
     """
     import mlflow
 
-    configure_mlflow(cfg.tracking.experiment)
+    found = find_run(cfg)
+    if found and found.info.status != "FINISHED":
+        return found.info.run_id
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    key = f"{cfg.storage_path}/{cfg.name}"
-    found = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'", max_results=1
-    )
-    if found and found[0].info.status != "FINISHED":
-        return found[0].info.run_id
-    run = client.create_run(exp.experiment_id, run_name=cfg.name, tags={RUN_TAG: key})
+    run = client.create_run(exp.experiment_id, run_name=cfg.name, tags={RUN_TAG: run_key(cfg)})
     from mlflow.entities import Param
 
     params = [Param(k, v[:6000]) for k, v in run_params(cfg, reader).items()]
@@ -182,19 +199,62 @@ def check_against_cache(cfg: TrainConfig, reader: Any) -> None:
         print(f"[train] warning: {warning}", file=sys.stderr, flush=True)
 
 
-def check_resume(cfg: TrainConfig) -> None:
-    """A run that resumes (same `storage_path` + `name`) must be able to load its latest checkpoint: checked on
-    the driver before Ray starts, where a mismatch is one config error naming the key."""
-    from training.checkpoint import CheckpointMismatchError, check_param_groups, latest_checkpoint_reader
+def check_resume(cfg: TrainConfig) -> LatestCheckpoint | None:
+    """The checkpoint a run resumes from (same `storage_path` + `name`), if any, checked on the driver before
+    Ray starts: one the config cannot load is one config error naming the key."""
+    from training.checkpoint import CheckpointMismatchError, check_param_groups, latest_checkpoint
     from training.step import optimizer_group_count
 
-    checkpoint = latest_checkpoint_reader(cfg.storage_path, cfg.name)
-    if checkpoint is None:
-        return
-    try:
-        check_param_groups(checkpoint, optimizer_group_count(cfg.optim.text_lr_scale))
-    except CheckpointMismatchError as exc:
-        raise ConfigError(f"optim.text_lr_scale: {exc}") from None
+    checkpoint = latest_checkpoint(cfg.storage_path, cfg.name)
+    if checkpoint is not None:
+        try:
+            check_param_groups(checkpoint.reader(), optimizer_group_count(cfg.optim.text_lr_scale))
+        except CheckpointMismatchError as exc:
+            raise ConfigError(f"optim.text_lr_scale: {exc}") from None
+    return checkpoint
+
+
+def finished_summary(cfg: TrainConfig, checkpoint: LatestCheckpoint | None, started: float) -> dict | None:
+    """`run_training`'s summary of a run that already ended at `steps`, or None if there is one to train.
+
+    Starting a finished run again trains nothing, exports nothing and registers no second version of the same
+    weights: the quickstart's second run and a killed ladder that resumes reuse the run as it is."""
+    if checkpoint is None or checkpoint.step != cfg.steps:
+        return None
+    run = find_run(cfg)
+    if run is None or run.info.status != "FINISHED":
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    print(
+        f"[train] {run_key(cfg)} already finished at step {cfg.steps} (MLflow run {run.info.run_id}): nothing "
+        "to train; raise `steps` to train on, or change `name` for a fresh run",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run_summary(
+        client, cfg, run.info.run_id, cfg.steps, run.data.metrics.get("loss"), checkpoint.path, started
+    )
+
+
+def run_summary(
+    client: Any, cfg: TrainConfig, run_id: str, steps: Any, loss: Any, checkpoint: str | None, started: float
+) -> dict[str, Any]:
+    """What `run_training` returns (and `--json` prints) for MLflow run `run_id`."""
+    # Rank 0 registered the version; the trainer's result only carries checkpointed metrics, so ask MLflow.
+    versions = client.search_model_versions(f"run_id = '{run_id}'") if cfg.tracking.registered_model else []
+    latest = max(versions, key=lambda v: int(v.version), default=None)
+    return {
+        "mlflow_run_id": run_id,
+        "model_name": latest.name if latest else None,
+        "model_version": latest.version if latest else None,
+        "steps": steps,
+        "final_loss": loss,
+        "checkpoint": checkpoint,
+        "storage": run_key(cfg),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
@@ -209,7 +269,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     check_against_cache(cfg, reader)  # every config error before Ray starts and before the MLflow run
-    check_resume(cfg)
+    finished = finished_summary(cfg, check_resume(cfg), started)
+    if finished is not None:
+        return finished
     ensure_ray()
     run_id = mlflow_run(cfg, reader)
     trainer = TorchTrainer(
@@ -244,19 +306,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     metrics = result.metrics or {}
     if metrics.get("step") == cfg.steps:  # a `stop_after` run keeps its MLflow run open for the rest
         client.set_terminated(run_id, status="FINISHED")
-    # Rank 0 registered the version; the trainer's result only carries checkpointed metrics, so ask MLflow.
-    versions = client.search_model_versions(f"run_id = '{run_id}'") if cfg.tracking.registered_model else []
-    latest = max(versions, key=lambda v: int(v.version), default=None)
-    return {
-        "mlflow_run_id": run_id,
-        "model_name": latest.name if latest else None,
-        "model_version": latest.version if latest else None,
-        "steps": metrics.get("step"),
-        "final_loss": metrics.get("loss"),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "storage": f"{cfg.storage_path}/{cfg.name}",
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return run_summary(client, cfg, run_id, metrics.get("step"), metrics.get("loss"), checkpoint, started)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -278,9 +329,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
+        loss = "" if summary["final_loss"] is None else f", final loss {summary['final_loss']:.4f}"
+        version = summary["model_version"]
+        registered = f"; registered {summary['model_name']} v{version}" if version else ""
         print(
-            f"trained {summary['steps']} steps, final loss {summary['final_loss']:.4f} in {summary['seconds']} s\n"
-            f"MLflow run {summary['mlflow_run_id']}; registered {summary['model_name']} v{summary['model_version']}"
+            f"trained {summary['steps']} steps{loss} in {summary['seconds']} s\n"
+            f"MLflow run {summary['mlflow_run_id']}{registered}"
         )
     return 0
 

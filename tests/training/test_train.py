@@ -138,6 +138,12 @@ def test_resume_matches_uninterrupted_run(micro_cache: str, tmp_path: Path, stra
     assert second["steps"] == 8
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run across both invocations
     assert_same_weights(straight_weights, generator_weights(second["mlflow_run_id"]))
+    # Started again once finished, the run trains, exports and registers nothing: the same run comes back.
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "resumed").glob("step_*"))
+    again = run_training(_config(micro_cache, tmp_path, "resumed", model=LAYOUT_MODEL))
+    assert again["mlflow_run_id"] == second["mlflow_run_id"] and again["steps"] == 8
+    assert again["final_loss"] == pytest.approx(second["final_loss"])
+    assert sorted(p.name for p in (tmp_path / "runs" / "resumed").glob("step_*")) == checkpoints
 
 
 def test_the_run_records_system_metrics_dataset_and_resolved_params(
