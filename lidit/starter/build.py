@@ -251,14 +251,27 @@ def _lm_corpus_size(cfg: StarterConfig) -> int:
     return max(cfg.data.n_train, min(cfg.lm.steps * cfg.lm.batch_size, 50_000))
 
 
-def _scenes(cfg: StarterConfig, split: str, n: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The first `n` scenes of a split as the config's data section draws them (LM corpus and images alike)."""
+def _scenes(cfg: StarterConfig, split: str, n: int, start: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Scenes `start` to `n` of a split as the config's data section draws them (LM corpus and images alike)."""
     held = heldout_combos(cfg.seed, cfg.data.heldout_fraction)
-    return sample_scenes(cfg.seed, split, n, held, cfg.data.image_size, cfg.data.kind_weights, cfg.data.grid)
+    return sample_scenes(
+        cfg.seed, split, n, held, cfg.data.image_size, cfg.data.kind_weights, cfg.data.grid, start
+    )
 
 
-def _captions(cfg: StarterConfig, split: str, n: int) -> list[str]:
-    return [caption_for(spec, cfg.seed, sid).text for sid, spec in _scenes(cfg, split, n)]
+def _captions(cfg: StarterConfig, split: str, n: int, root: Path) -> list[str]:
+    """Captions of the first `n` scenes of a split: read from the data stage's shards under `root` (the same
+    draw, made once: placing relation scenes takes ~1 ms each), drawn only past their end."""
+    import pyarrow.parquet as pq
+
+    captions: list[str] = []
+    for shard in sorted(StarterAssets.at(root).parquet(split).glob("*.parquet")):
+        if len(captions) >= n:
+            break
+        captions += pq.read_table(shard, columns=["caption"]).column("caption").to_pylist()
+    captions = captions[:n]
+    drawn = _scenes(cfg, split, n, start=len(captions))
+    return captions + [caption_for(spec, cfg.seed, sid).text for sid, spec in drawn]
 
 
 def _negative_captions(
@@ -318,10 +331,10 @@ def _stage_data(cfg: StarterConfig, out: Path, log: _Log) -> dict[str, Any]:
     return metrics
 
 
-def _stage_tokenizer(cfg: StarterConfig, out: Path, log: _Log) -> dict[str, Any]:
+def _stage_tokenizer(cfg: StarterConfig, out: Path, root: Path, log: _Log) -> dict[str, Any]:
     from lidit.starter.text_models import train_tokenizer
 
-    corpus = _captions(cfg, "train", _lm_corpus_size(cfg))
+    corpus = _captions(cfg, "train", _lm_corpus_size(cfg), root)
     # The instruction is repeated so BPE merges its words too (min_frequency), keeping the encoder prefix short.
     texts = corpus + [cfg.lm.instruction] * max(cfg.tokenizer.min_frequency, 8)
     tok = train_tokenizer(texts, cfg.tokenizer, out / "tokenizer")
@@ -342,8 +355,8 @@ def _stage_lm(family: str, cfg: StarterConfig, out: Path, root: Path, log: _Log)
     from lidit.starter.text_models import save_lm, train_lm
 
     tok = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
-    train_texts = _captions(cfg, "train", _lm_corpus_size(cfg))
-    eval_texts = _captions(cfg, "heldout", cfg.lm.eval_captions)
+    train_texts = _captions(cfg, "train", _lm_corpus_size(cfg), root)
+    eval_texts = _captions(cfg, "heldout", cfg.lm.eval_captions, root)
     arch = cfg.lm.llama if family == "llama" else cfg.lm.qwen2
     seed = cfg.seed * 1000 + (1 if family == "llama" else 2)
     model, metrics = train_lm(arch, cfg.lm, tok, train_texts, eval_texts, seed, log)
@@ -428,7 +441,7 @@ def _run_stage(stage: str, cfg: StarterConfig, tmp: Path, root: Path, log: _Log)
     if stage == "data":
         return _stage_data(cfg, tmp, log)
     if stage == "tokenizer":
-        return _stage_tokenizer(cfg, tmp, log)
+        return _stage_tokenizer(cfg, tmp, root, log)
     if stage in ("lm_llama", "lm_qwen2"):
         return _stage_lm(stage.split("_")[1], cfg, tmp, root, log)
     if stage == "vae":

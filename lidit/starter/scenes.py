@@ -280,9 +280,11 @@ def sample_scenes(
     image_size: int = 64,
     kind_weights: dict[str, float] | None = None,
     grid: int = 0,
+    start: int = 0,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """`(id, spec)` for the first `n` scenes of a split; ids are stable (`train-000042`)."""
-    for i in range(n):
+    """`(id, spec)` for scenes `start` to `n` of a split; ids are stable (`train-000042`) and each scene is drawn
+    from its own index, so any range draws what the whole split draws there."""
+    for i in range(start, n):
         yield f"{split}-{i:06d}", sample_scene(seed, split, i, heldout, image_size, kind_weights, grid)
 
 

@@ -64,6 +64,18 @@ def test_splits_respect_heldout_combinations(starter_micro) -> None:
     assert all(isinstance(p, str) and p for p, _ in prompts)
 
 
+def test_lm_captions_read_from_the_data_are_the_captions_drawn(starter_micro) -> None:
+    """The tokenizer and LM stages read the data stage's captions instead of drawing every scene again; past
+    the written rows they draw the rest, and either way the corpus is the one the scene grammar draws."""
+    from lidit.starter.build import _captions, _scenes
+    from lidit.starter.captions import caption_for
+
+    cfg = starter_config("micro")
+    for split, n in (("train", cfg.data.n_train + 7), ("heldout", cfg.data.n_heldout // 2)):
+        drawn = [caption_for(spec, cfg.seed, sid).text for sid, spec in _scenes(cfg, split, n)]
+        assert _captions(cfg, split, n, starter_micro.root) == drawn and len(drawn) == n
+
+
 def test_second_build_reuses_everything_in_seconds(starter_micro) -> None:
     before = starter_micro.summary["fingerprints"]
     t0 = time.perf_counter()
