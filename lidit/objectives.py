@@ -15,18 +15,14 @@ Timesteps fed to the model are in [0, 1000) for both, so the same timestep embed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+if TYPE_CHECKING:  # diffusers is imported where a scheduler is built: configs and the flow step need none
+    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 ObjectiveName = Literal["epsilon", "flow"]
 TimestepSampling = Literal["uniform", "logit_normal"]
@@ -49,6 +45,8 @@ def ddpm_scheduler() -> DDPMScheduler:
     """The training noise schedule of the epsilon objective (DiT's linear betas)."""
     # diffusers defaults to clip_sample=True, a pixel-space clamp of the predicted x0 to [-1, 1]. Our latents
     # are scaled VAE latents (std ~1, tails well past +-2): clipping them is wrong, so both clamps are off.
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_schedule="linear",
@@ -126,6 +124,14 @@ def make_scheduler(
     objective: ObjectiveName, sampler: str | None = None, flow_shift: float = 1.0
 ) -> SchedulerMixin:
     """A diffusers scheduler that samples from a model trained with `objective` (and, for flow, `flow_shift`)."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+    )
+
     sampler = sampler or DEFAULT_SAMPLER[objective]
     if sampler not in SAMPLERS.get(objective, ()):
         raise ValueError(
