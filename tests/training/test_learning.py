@@ -35,7 +35,6 @@ def _rows(feats: TextFeatures, idx: torch.Tensor) -> list[TextFeatures]:
 
 
 def _train(model: LiDiTGenerator, cfg: TrainConfig, data: torch.Tensor, feats: TextFeatures) -> EMA:
-    torch.set_num_threads(1)
     optim = build_optimizer(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     g = torch.Generator().manual_seed(cfg.seed)
