@@ -78,6 +78,25 @@ class LatentResBlock(nn.Module):
         return x + self.conv2(F.silu(h))
 
 
+class ConvMLP(nn.Module):
+    """Feed-forward with a depthwise 3x3 conv over the token grid between its two linears (SANA's Mix-FFN):
+    every block mixes neighbouring tokens, the locality a DiT otherwise learns from data."""
+
+    def __init__(self, dim: int, ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.fc1(x).transpose(1, 2).reshape(b, -1, *grid)  # (B, hidden, h, w)
+        h = self.conv(h).flatten(2).transpose(1, 2)  # (B, N, hidden)
+        return self.fc2(self.act(h))
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block: modulated self-attn, modulated cross-attn to text, modulated MLP, each gated."""
 
@@ -88,6 +107,7 @@ class DiTBlock(nn.Module):
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
         layout_attention: bool = False,
+        mlp_conv: bool = False,
     ) -> None:
         super().__init__()
         # Per head, zero at init: how strongly a text token's layout offset pulls image tokens on its side.
@@ -97,7 +117,7 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = Attention(dim, heads, qk_norm=qk_norm)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(dim, mlp_ratio)
+        self.mlp = ConvMLP(dim, mlp_ratio) if mlp_conv else MLP(dim, mlp_ratio)
         self.ada = AdaLN(dim, dim, chunks=9)
 
     def forward(
@@ -107,8 +127,10 @@ class DiTBlock(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor,
         layout_dot: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """`layout_dot` (B, N, S): image token position . text token layout offset (`LiDiT.forward`)."""
+        """`layout_dot` (B, N, S): image token position . text token layout offset (`LiDiT.forward`);
+        `grid` (h, w): the token grid, which a conv MLP needs."""
         s1, sc1, g1, s2, sc2, g2, s3, sc3, g3 = self.ada(c)  # (B, D) each
         bias = None
         if self.layout_scale is not None and layout_dot is not None:
@@ -116,7 +138,8 @@ class DiTBlock(nn.Module):
         x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), s1, sc1))
         h = self.cross_attn(modulate(self.norm2(x), s2, sc2), text, text_mask, bias=bias)
         x = x + g2.unsqueeze(1) * h
-        x = x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), s3, sc3))
+        h = modulate(self.norm3(x), s3, sc3)
+        x = x + g3.unsqueeze(1) * (self.mlp(h, grid) if isinstance(self.mlp, ConvMLP) else self.mlp(h))
         return x  # (B, N, D)
 
 
@@ -151,6 +174,7 @@ class LiDiT(nn.Module):
         sincos_position: bool = True,
         layout_attention: bool = False,
         conv_channels: int = 0,
+        mlp_conv: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -170,7 +194,7 @@ class LiDiT(nn.Module):
         self.patch_embed = nn.Conv2d(patch_in, dim, kernel_size=patch_size, stride=patch_size)
         self.pos_block = ConvPositionBlock(dim)
         self.blocks = nn.ModuleList(
-            DiTBlock(dim, heads, mlp_ratio, qk_norm, layout_attention) for _ in range(depth)
+            DiTBlock(dim, heads, mlp_ratio, qk_norm, layout_attention, mlp_conv) for _ in range(depth)
         )
         self.final = FinalLayer(dim, patch_size, patch_in)
 
@@ -204,7 +228,7 @@ class LiDiT(nn.Module):
             grid = token_positions(h, w, tokens.device, tokens.dtype)  # (N, 2)
             layout_dot = torch.einsum("nk,bsk->bns", grid, text_layout.to(tokens.dtype))  # (B, N, S)
         for block in self.blocks:
-            tokens = block(tokens, c, text, text_mask, layout_dot)
+            tokens = block(tokens, c, text, text_mask, layout_dot, (h, w))
         out = self.final(tokens, c)  # (B, N, p*p*C), C = conv_channels when the head is on
         channels = self.conv_channels or self.in_channels
         out = out.view(b, h, w, p, p, channels)

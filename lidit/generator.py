@@ -60,6 +60,11 @@ class GeneratorConfig(StrictModel):
         description="channels of a conv stem and head at latent resolution around the DiT (0: off; not in "
         "the paper): the head draws shapes across patch borders, the stem's features skip to it",
     )
+    mlp_conv: bool = Field(
+        False,
+        description="depthwise 3x3 conv over the token grid inside every block's MLP (SANA's Mix-FFN; not in "
+        "the paper): locality in every block",
+    )
     layout_head: bool = Field(
         False,
         description="head reading each fused prompt token's object position (text-side layout supervision, not "
@@ -184,6 +189,7 @@ class LiDiTGenerator(nn.Module):
             config.sincos_position,
             config.layout_attention,
             config.conv_channels,
+            config.mlp_conv,
         )
         self.initialize_weights()
 

@@ -35,10 +35,10 @@ def test_output_shape_and_zero_init(conv_channels: int) -> None:
     assert torch.count_nonzero(out) == 0  # adaLN-Zero: the final layer (and the conv head's) starts at zero
 
 
-@pytest.mark.parametrize("conv_channels", [0, 16])
+@pytest.mark.parametrize("overrides", [{}, {"conv_channels": 16}, {"mlp_conv": True}])
 @pytest.mark.parametrize("size", [(8, 8), (16, 24), (32, 16)])
-def test_any_latent_size_divisible_by_patch(size: tuple[int, int], conv_channels: int) -> None:
-    config = GeneratorConfig.from_preset("tiny", BRANCHES, conv_channels=conv_channels)
+def test_any_latent_size_divisible_by_patch(size: tuple[int, int], overrides: dict) -> None:
+    config = GeneratorConfig.from_preset("tiny", BRANCHES, **overrides)
     model = _trained_like(LiDiTGenerator(config))
     x = torch.randn(1, 4, *size)
     assert model(x, torch.tensor([500.0]), _texts(b=1)).shape == x.shape
@@ -92,6 +92,7 @@ def test_empty_prompt_without_prefix_is_finite() -> None:
         {"layout_head": True},
         {"layout_head": True, "layout_attention": True},
         {"conv_channels": 16},
+        {"mlp_conv": True},
     ],
 )
 def test_save_load_round_trip_is_exact(tmp_path, overrides: dict) -> None:

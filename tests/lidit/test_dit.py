@@ -1,0 +1,22 @@
+"""The DiT's own layers (`lidit.dit`), below the generator."""
+
+from __future__ import annotations
+
+import torch
+
+from lidit.dit import ConvMLP
+
+
+def test_conv_mlp_mixes_grid_neighbours_only() -> None:
+    """Tokens are row-major on an h x w grid: a change at (1, 2) of a 3 x 5 grid reaches its 3x3
+    neighbourhood and nothing else (a wrong reshape would reach other tokens, or miss some)."""
+    torch.manual_seed(0)
+    mlp = ConvMLP(8, ratio=2.0)
+    grid = (3, 5)
+    x = torch.randn(1, 15, 8)
+    changed = x.clone()
+    changed[0, 1 * 5 + 2] += 1.0
+    moved = (mlp(changed, grid) - mlp(x, grid)).abs().sum(-1)[0].view(grid) > 0
+    expected = torch.zeros(grid, dtype=torch.bool)
+    expected[0:3, 1:4] = True
+    assert torch.equal(moved, expected)
