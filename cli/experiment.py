@@ -195,7 +195,8 @@ def train_variant(cfg: Any, variant: Any, seed: int, overrides: list[str], work:
         "variant": variant.name,
         "seed": seed,
         "final_loss": trained["final_loss"],
-        "train_seconds": trained["seconds"],
+        # A rung killed after its training finished gets the run back as it is: its time is the run's own.
+        "train_seconds": trained["run_seconds"] if trained["already_finished"] else trained["seconds"],
         "mlflow_run_id": trained["mlflow_run_id"],
         "pipeline": str(find_pipeline_dir(local)),  # under artifacts/pipeline/ of the pyfunc model dir
         "train_overrides": overrides,

@@ -233,9 +233,14 @@ def finished_summary(cfg: TrainConfig, checkpoint: LatestCheckpoint | None, star
         file=sys.stderr,
         flush=True,
     )
-    return run_summary(
+    summary = run_summary(
         client, cfg, run.info.run_id, cfg.steps, run.data.metrics.get("loss"), checkpoint.path, started
     )
+    # `seconds` is this call's; what training that run took is its MLflow run's span (first start to end,
+    # so a run killed and resumed counts the time in between too).
+    summary["already_finished"] = True
+    summary["run_seconds"] = round((run.info.end_time - run.info.start_time) / 1000, 1)
+    return summary
 
 
 def run_summary(
@@ -254,6 +259,7 @@ def run_summary(
         "checkpoint": checkpoint,
         "storage": run_key(cfg),
         "seconds": round(time.perf_counter() - started, 1),
+        "already_finished": False,
     }
 
 

@@ -143,6 +143,9 @@ def test_resume_matches_uninterrupted_run(micro_cache: str, tmp_path: Path, stra
     again = run_training(_config(micro_cache, tmp_path, "resumed", model=LAYOUT_MODEL))
     assert again["mlflow_run_id"] == second["mlflow_run_id"] and again["steps"] == 8
     assert again["final_loss"] == pytest.approx(second["final_loss"])
+    assert not second["already_finished"] and again["already_finished"]
+    # The run's own span (first start to end: both invocations) is at least the training this call skipped.
+    assert again["run_seconds"] >= second["seconds"] > again["seconds"]
     assert sorted(p.name for p in (tmp_path / "runs" / "resumed").glob("step_*")) == checkpoints
 
 
