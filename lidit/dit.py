@@ -91,8 +91,7 @@ class ConvMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        b, n, _ = x.shape
-        h = self.fc1(x).transpose(1, 2).reshape(b, -1, *grid)  # (B, hidden, h, w)
+        h = self.fc1(x).transpose(1, 2).reshape(x.shape[0], -1, *grid)  # (B, hidden, h, w)
         h = self.conv(h).flatten(2).transpose(1, 2)  # (B, N, hidden)
         return self.fc2(self.act(h))
 
