@@ -78,24 +78,6 @@ class LatentResBlock(nn.Module):
         return x + self.conv2(F.silu(h))
 
 
-class ConvMLP(nn.Module):
-    """Feed-forward with a depthwise 3x3 conv over the token grid between its two linears (SANA's Mix-FFN):
-    every block mixes neighbouring tokens, the locality a DiT otherwise learns from data."""
-
-    def __init__(self, dim: int, ratio: float = 4.0) -> None:
-        super().__init__()
-        hidden = int(dim * ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        h = self.fc1(x).transpose(1, 2).reshape(x.shape[0], -1, *grid)  # (B, hidden, h, w)
-        h = self.conv(h).flatten(2).transpose(1, 2)  # (B, N, hidden)
-        return self.fc2(self.act(h))
-
-
 class DiTBlock(nn.Module):
     """adaLN-Zero block: modulated self-attn, modulated cross-attn to text, modulated MLP, each gated."""
 
@@ -116,7 +98,7 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = Attention(dim, heads, qk_norm=qk_norm)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = ConvMLP(dim, mlp_ratio) if mlp_conv else MLP(dim, mlp_ratio)
+        self.mlp = MLP(dim, mlp_ratio, grid_conv=mlp_conv)
         self.ada = AdaLN(dim, dim, chunks=9)
 
     def forward(
@@ -129,7 +111,7 @@ class DiTBlock(nn.Module):
         grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """`layout_dot` (B, N, S): image token position . text token layout offset (`LiDiT.forward`);
-        `grid` (h, w): the token grid, which a conv MLP needs."""
+        `grid` (h, w): the token grid, which a grid-conv MLP needs."""
         s1, sc1, g1, s2, sc2, g2, s3, sc3, g3 = self.ada(c)  # (B, D) each
         bias = None
         if self.layout_scale is not None and layout_dot is not None:
@@ -137,8 +119,7 @@ class DiTBlock(nn.Module):
         x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), s1, sc1))
         h = self.cross_attn(modulate(self.norm2(x), s2, sc2), text, text_mask, bias=bias)
         x = x + g2.unsqueeze(1) * h
-        h = modulate(self.norm3(x), s3, sc3)
-        x = x + g3.unsqueeze(1) * (self.mlp(h, grid) if isinstance(self.mlp, ConvMLP) else self.mlp(h))
+        x = x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), s3, sc3), grid)
         return x  # (B, N, D)
 
 

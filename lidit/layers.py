@@ -88,17 +88,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear -> GELU(tanh) -> Linear, the DiT feed-forward."""
+    """Linear -> GELU(tanh) -> Linear, the DiT feed-forward. With `grid_conv`, a depthwise 3x3 conv over the
+    token grid between the linears (SANA's Mix-FFN): every block mixes neighbouring tokens, the locality a DiT
+    otherwise learns from data; `forward` then needs the grid."""
 
-    def __init__(self, dim: int, ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, ratio: float = 4.0, grid_conv: bool = False) -> None:
         super().__init__()
         hidden = int(dim * ratio)
         self.fc1 = nn.Linear(dim, hidden)
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if grid_conv else None
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B, N, D); `grid` (h, w) with h * w = N, tokens row-major (only read with `grid_conv`)."""
+        h = self.fc1(x)
+        if self.conv is not None:
+            h = h.transpose(1, 2).reshape(x.shape[0], -1, *grid)  # (B, hidden, h, w)
+            h = self.conv(h).flatten(2).transpose(1, 2)  # (B, N, hidden)
+        return self.fc2(self.act(h))
 
 
 class AdaLN(nn.Module):

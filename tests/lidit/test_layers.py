@@ -1,17 +1,17 @@
-"""The DiT's own layers (`lidit.dit`), below the generator."""
+"""Shared layers (`lidit.layers`)."""
 
 from __future__ import annotations
 
 import torch
 
-from lidit.dit import ConvMLP
+from lidit.layers import MLP
 
 
-def test_conv_mlp_mixes_grid_neighbours_only() -> None:
+def test_grid_conv_mlp_mixes_grid_neighbours_only() -> None:
     """Tokens are row-major on an h x w grid: a change at (1, 2) of a 3 x 5 grid reaches its 3x3
     neighbourhood and nothing else (a wrong reshape would reach other tokens, or miss some)."""
     torch.manual_seed(0)
-    mlp = ConvMLP(8, ratio=2.0)
+    mlp = MLP(8, ratio=2.0, grid_conv=True)
     grid = (3, 5)
     x = torch.randn(1, 15, 8)
     changed = x.clone()
