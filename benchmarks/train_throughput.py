@@ -84,23 +84,14 @@ def steady_rate(windows: list[float]) -> float:
     return statistics.median(windows[1:])
 
 
-def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
-    """`train_step` in a plain loop: one process, no Ray, no data-parallel wrapper, pre-decoded batches."""
+def decoded_batches(cfg: TrainConfig, reader: CacheReader) -> list[tuple]:
+    """The run's first `cfg.steps` global batches at world 1 as `train_step` takes them: (latents, texts,
+    layout, negatives), decoded before any clock starts. Recipes with layout targets or hard negatives also
+    read them per batch, as in the Ray loop."""
     from training.data import bucketed_batches
-    from training.loop import (
-        batch_extras,
-        build_generator_config,
-        select_branches,
-        select_layout,
-        select_negatives,
-    )
-    from training.parallelize import wrap_single_worker
+    from training.loop import batch_extras, select_branches, select_layout, select_negatives
 
-    torch.set_num_threads(args.threads)
-    cfg = run_config(args, "bare", "auto", 1)
-    reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
-    # Recipes with layout targets or hard negatives also read them per batch, as in the Ray loop.
     batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, **batch_extras(cfg))
     for batch in source:
         texts = select_branches(batch.texts, reader, names)
@@ -109,6 +100,18 @@ def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
         if len(batches) == cfg.steps:
             break
     source.close()  # stops its read-ahead threads before the clock starts
+    return batches
+
+
+def bare_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """`train_step` in a plain loop: one process, no Ray, no data-parallel wrapper, pre-decoded batches."""
+    from training.loop import build_generator_config
+    from training.parallelize import wrap_single_worker
+
+    torch.set_num_threads(args.threads)
+    cfg = run_config(args, "bare", "auto", 1)
+    reader = CacheReader(cfg.cache, version=cfg.cache_version)
+    batches = decoded_batches(cfg, reader)
     torch.manual_seed(cfg.seed)
     model = LiDiTGenerator(build_generator_config(cfg, reader))
     wrap_single_worker(model, cfg.scale)

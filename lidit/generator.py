@@ -123,6 +123,15 @@ class TextFeatures:
         mask[:, self.prefix_len :] &= ~drop.to(mask.device).unsqueeze(1)
         return TextFeatures(self.states, mask, self.prefix_len)
 
+    def padded_to_multiple(self, multiple: int) -> TextFeatures:
+        """The token axis padded with masked-out zero tokens up to a multiple of `multiple` (itself when it is
+        one already). Masked tokens change no output (tests/lidit/test_generator.py), only the shape."""
+        extra = -self.states.shape[1] % multiple
+        if not extra:
+            return self
+        states = nn.functional.pad(self.states, (0, 0, 0, extra))
+        return TextFeatures(states, nn.functional.pad(self.mask, (0, extra)), self.prefix_len)
+
     @staticmethod
     def cat(items: list[TextFeatures]) -> TextFeatures:
         """Stack batches along B (same prefix); pads the token axis to the longest."""

@@ -123,6 +123,14 @@ class ScaleSection(StrictModel):
     )
     activation_checkpointing: bool = False
     compile: bool = False
+    compile_text_multiple: int = Field(
+        1,
+        ge=1,
+        description="with compile: pad each batch's text tokens (masked out) to a multiple of this. A compiled "
+        "block recompiles for every new text length, up to torch's limit of 8, then runs it eager: set e.g. 16 "
+        "when the captions have more lengths than that. 1 = no padding (the starter's 7 lengths compile "
+        "fastest unpadded: benchmarks/results/compile_step_long.md)",
+    )
     reshard_after_forward: bool = Field(
         True,
         description="FSDP2: free each block's gathered weights after its forward and gather them again for "

@@ -108,6 +108,10 @@ def train_step(
     choice (see `MetricWindow`).
     """
     device = device or latents.device
+    if cfg.scale.compile:
+        texts, negatives, layout = padded_for_compile(
+            texts, negatives, layout, cfg.scale.compile_text_multiple
+        )
     drop = cfg_drop_mask(latents.shape[0], cfg.cfg_drop_prob, generator)
     texts = [t.drop_prompt(drop).to(device) for t in texts]
     targets = training_targets(
@@ -161,6 +165,24 @@ def train_step(
     optim.zero_grad(set_to_none=True)
     ema.update(model)
     return StepOutput(loss.detach(), grad_norm.detach())
+
+
+def padded_for_compile(
+    texts: list[TextFeatures],
+    negatives: HardNegatives | None,
+    layout: LayoutTargets | None,
+    multiple: int,
+) -> tuple[list[TextFeatures], HardNegatives | None, LayoutTargets | None]:
+    """Every branch's tokens (the batch's and its negatives') padded to a multiple of `multiple`, the layout
+    targets with them. A compiled block's backward specialises on the text length, so each new length in a
+    batch recompiles the blocks, up to torch's recompile limit (8), and every later new length runs eager.
+    Padded tokens are masked out: the same loss and gradients up to rounding."""
+    texts = [t.padded_to_multiple(multiple) for t in texts]
+    if layout is not None:
+        layout = layout.padded_to([t.states.shape[1] - t.prefix_len for t in texts])
+    if negatives is not None:
+        negatives = HardNegatives(negatives.rows, [t.padded_to_multiple(multiple) for t in negatives.texts])
+    return texts, negatives, layout
 
 
 def contrastive_term(pred: torch.Tensor, target: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:

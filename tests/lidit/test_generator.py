@@ -67,6 +67,16 @@ def test_text_padding_does_not_change_output() -> None:
     torch.testing.assert_close(model(x, t, padded), model(x, t, texts), atol=1e-5, rtol=1e-4)
 
 
+def test_padded_to_multiple_adds_masked_zero_tokens() -> None:
+    feats = _texts(b=2)[0]  # 4 prefix + 6 prompt tokens
+    padded = feats.padded_to_multiple(8)
+    assert padded.states.shape == (2, 16, feats.states.shape[-1]) and padded.prefix_len == 4
+    assert torch.equal(padded.states[:, :10], feats.states) and not padded.states[:, 10:].any()
+    assert torch.equal(padded.mask[:, :10], feats.mask) and not padded.mask[:, 10:].any()
+    assert feats.padded_to_multiple(5) is feats  # already a multiple
+    assert feats.padded_to_multiple(1) is feats
+
+
 def test_prefix_tokens_do_not_reach_the_backbone_directly() -> None:
     model = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES))
     texts = _texts(b=2, prefix=(4, 3), lens=(6, 8))

@@ -415,6 +415,44 @@ def test_layout_targets_stay_aligned_when_longer_negative_rows_re_pad_the_prompt
     assert not torch.allclose(_flat(grads), _flat(layout_only))  # and the hard negatives trained the rest
 
 
+def test_compile_pads_the_text_and_keeps_the_step() -> None:
+    """With `scale.compile` the model sees every branch's tokens padded to `scale.compile_text_multiple`
+    (7 -> 8 here; the layout targets and a longer negative's 10 tokens -> 16 with them), masked out: the
+    logged loss and every gradient are the unpadded step's."""
+    _, texts = _batch(0, 1)
+    longer = []  # row 1's negative caption, longer than the batch's rows, as in the re-padding test above
+    for t in texts:
+        states = torch.cat([t.states[1:], t.states[1:, -3:]], dim=1)
+        longer.append(TextFeatures(states, torch.ones(states.shape[:2], dtype=torch.bool), t.prefix_len))
+    negatives = HardNegatives(torch.tensor([1]), longer)
+    plain = _hard_negative_cfg(1.0)
+    update = {
+        "model": plain.model.model_copy(update={"layout_weight": 0.5}),
+        "optim": plain.optim.model_copy(update={"grad_clip": 1e9}),
+    }
+    plain = plain.model_copy(update=update)
+    compiled = plain.model_copy(
+        update={"scale": plain.scale.model_copy(update={"compile": True, "compile_text_multiple": 8})}
+    )
+    lengths: list[list[int]] = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, LiDiTGenerator):
+            lengths.append([t.states.shape[1] for t in args[2]])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        loss, grads = _step_grads(compiled, negatives, _layout_targets(PER_RANK), layout_head=True)
+        plain_loss, plain_grads = _step_grads(plain, negatives, _layout_targets(PER_RANK), layout_head=True)
+    finally:
+        handle.remove()
+    assert lengths == [[16, 16], [10, 10]]  # batch and negative rows in one forward, padded vs not
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-4)
+
+
 def test_layout_term_averages_target_tokens_of_kept_rows() -> None:
     layout = LayoutTargets(
         [torch.zeros(2, 3, 2)], [torch.tensor([[True, False, False], [True, True, False]])]
