@@ -131,7 +131,9 @@ def write_results(result: dict[str, Any], name: str) -> str:
         f"Config: `{result['config']}`, batch {result['batch']}; {result['warmup']} warm-up steps per variant, "
         f"then {result['timed_steps']} timed steps each in turns of {result['chunk']}  ",
         f"Text lengths per branch in these batches (prefix + prompt, before padding): "
-        f"{', '.join('/'.join(map(str, x)) for x in result['text_lengths'])}",
+        f"{', '.join('/'.join(map(str, x)) for x in result['text_lengths'])}  ",
+        "Warm-up s: the first steps with their compiles, or with compiled graphs read back from torch's on-disk "
+        "cache when an earlier run on this machine compiled the same shapes.",
         "",
         "| variant | overrides | warm-up s | ms/step | samples/s | vs eager |",
         "|---|---|---|---|---|---|",
