@@ -123,24 +123,30 @@ class TextFeatures:
         mask[:, self.prefix_len :] &= ~drop.to(mask.device).unsqueeze(1)
         return TextFeatures(self.states, mask, self.prefix_len)
 
-    def padded_to_multiple(self, multiple: int) -> TextFeatures:
-        """The token axis padded with masked-out zero tokens up to a multiple of `multiple` (itself when it is
-        one already). Masked tokens change no output (tests/lidit/test_generator.py), only the shape."""
-        extra = -self.states.shape[1] % multiple
+    def padded_to(self, length: int) -> TextFeatures:
+        """The token axis padded with masked-out zero tokens up to `length` (itself when it has that many).
+        Masked tokens change no output (tests/lidit/test_generator.py), only the shape."""
+        extra = length - self.states.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot pad {self.states.shape[1]} tokens to {length}")
         if not extra:
             return self
         states = nn.functional.pad(self.states, (0, 0, 0, extra))
         return TextFeatures(states, nn.functional.pad(self.mask, (0, extra)), self.prefix_len)
+
+    def padded_to_multiple(self, multiple: int) -> TextFeatures:
+        """The token axis padded (`padded_to`) up to a multiple of `multiple`."""
+        return self.padded_to(self.states.shape[1] + -self.states.shape[1] % multiple)
 
     @staticmethod
     def cat(items: list[TextFeatures]) -> TextFeatures:
         """Stack batches along B (same prefix); pads the token axis to the longest."""
         if len({i.prefix_len for i in items}) != 1:
             raise ValueError("cannot concatenate features with different prefixes")
-        t = max(i.states.shape[1] for i in items)
-        states = [nn.functional.pad(i.states, (0, 0, 0, t - i.states.shape[1])) for i in items]
-        masks = [nn.functional.pad(i.mask, (0, t - i.mask.shape[1])) for i in items]
-        return TextFeatures(torch.cat(states), torch.cat(masks), items[0].prefix_len)
+        longest = max(i.states.shape[1] for i in items)
+        padded = [i.padded_to(longest) for i in items]
+        states, masks = torch.cat([i.states for i in padded]), torch.cat([i.mask for i in padded])
+        return TextFeatures(states, masks, items[0].prefix_len)
 
 
 class HardNegatives(NamedTuple):

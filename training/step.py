@@ -108,7 +108,7 @@ def train_step(
     choice (see `MetricWindow`).
     """
     device = device or latents.device
-    if cfg.scale.compile:
+    if cfg.scale.compile and cfg.scale.compile_text_multiple > 1:
         texts, negatives, layout = padded_for_compile(
             texts, negatives, layout, cfg.scale.compile_text_multiple
         )
