@@ -139,6 +139,8 @@ class ConsoleFilter(io.TextIOBase):
       prefix; everything else (Ray Train/Serve/Data internals, access logs, library warnings) goes to `log`.
     - Library log records and progress bars printed in this process go to `log` as well.
     - Counted progress lines get elapsed time and an ETA; on a terminal they redraw one line as a bar.
+    - With `progress` (another filter), the tool's lines are handed to it: stdout's filter passes them to
+      stderr's, so stdout holds only plain output (`--json` summaries) however Ray forwards a worker's line.
     With `log=None` (`--verbose`) nothing is hidden; the tool's lines are still annotated.
     """
 
@@ -149,9 +151,10 @@ class ConsoleFilter(io.TextIOBase):
         clock: ProgressClock,
         tty: bool | None = None,
         recent: deque[str] | None = None,
+        progress: ConsoleFilter | None = None,
     ) -> None:
         super().__init__()
-        self.stream, self.log, self.clock = stream, log, clock
+        self.stream, self.log, self.clock, self.progress = stream, log, clock, progress
         self.tty = stream.isatty() if tty is None else tty
         self.buffer_text = ""
         # Shared by the stdout and stderr filters: Ray Train forwards a worker's line on both streams.
@@ -193,6 +196,9 @@ class ConsoleFilter(io.TextIOBase):
             else:
                 self._show(line)  # our own plain output (tables, summaries, JSON)
             return
+        if self.progress is not None:
+            self.progress.write(line + "\n")
+            return
         if body in self.recent_tool_lines:
             return  # the same line forwarded twice (Ray Train re-prints its workers' output)
         self.recent_tool_lines.append(body)
@@ -221,8 +227,9 @@ def tool_console(log_file: Path | None) -> Iterator[None]:
     log = open(log_file, "a", encoding="utf-8") if log_file is not None else None  # noqa: SIM115
     clock, recent = ProgressClock(), deque(maxlen=16)
     saved = sys.stdout, sys.stderr
-    sys.stdout = ConsoleFilter(saved[0], log, clock, recent=recent)  # type: ignore[assignment]
+    # Ray forwards a worker's stdout to ours: its progress lines must not land among `--json` output.
     sys.stderr = ConsoleFilter(saved[1], log, clock, recent=recent)  # type: ignore[assignment]
+    sys.stdout = ConsoleFilter(saved[0], log, clock, recent=recent, progress=sys.stderr)  # type: ignore[assignment]
     try:
         yield
     finally:

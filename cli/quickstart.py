@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=CONFIG_DIR / "train.yaml",
         help="training recipe; the version it registers is the one served and scored (e.g. "
         "configs/starter/train_long_layout.yaml: its Ray job scores held-out colour / shape / binding "
-        "1.00 / 0.78 / 0.76 after ~55 min of training on 2 cores)",
+        "1.00 / 0.78 / 0.76 after 55-61 min of training on a slow 2-core box)",
     )
     parser.add_argument(
         "--starter-set",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from cli.console import ConsoleFilter, ProgressClock
 
 
@@ -92,3 +94,27 @@ def test_verbose_shows_everything() -> None:
     console = ConsoleFilter(screen, None, ProgressClock(FakeTime()), tty=False)
     console.write("(TrainController pid=17) PlacementGroupCleaner: noise\n")
     assert "PlacementGroupCleaner" in screen.getvalue()
+
+
+def test_tool_lines_reaching_stdout_are_shown_on_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--json` keeps stdout to the summary: Ray forwards a worker's progress to our stdout (and, for Ray
+    Train, often to stderr too); the line is shown once, on stderr, whichever stream it reaches first."""
+    import sys
+
+    from cli.console import tool_console
+
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    with tool_console(None):
+        print("(RayTrainWorker pid=7) [train] step 100/200 loss 0.3")
+        print("(RayTrainWorker pid=7) [train] step 100/200 loss 0.3", file=sys.stderr)
+        print("(RayTrainWorker pid=7) [train] step 200/200 loss 0.2", file=sys.stderr)
+        print("(RayTrainWorker pid=7) [train] step 200/200 loss 0.2")
+        print('{"summary": 1}')
+    assert out.getvalue() == '{"summary": 1}\n'
+    shown = err.getvalue().splitlines()
+    assert [line.split("  (")[0] for line in shown] == [
+        "[train] step 100/200 loss 0.3",
+        "[train] step 200/200 loss 0.2",
+    ]
