@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -36,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 import benchmarks.learning_curve as curve  # noqa: E402
 from lidit.config import lidit_home  # noqa: E402
+from lidit.starter import iter_split  # noqa: E402
 from lidit.starter.render import draw_shape  # noqa: E402
 from lidit.starter.scenes import COLOURS, SHAPES  # noqa: E402
 
@@ -56,18 +55,8 @@ class AddToObjective(torch.autograd.Function):
         return grad, torch.ones((), dtype=grad.dtype)
 
 
-def load_specs(starter: Path) -> dict[str, str]:
-    """Scene spec (JSON text) of every training row, by id (the cache keeps the starter's ids)."""
-    specs: dict[str, str] = {}
-    for shard in sorted((starter / "data" / "train").glob("*.parquet")):
-        table = pq.read_table(shard, columns=["id", "spec"])
-        specs.update(zip(table.column("id").to_pylist(), table.column("spec").to_pylist(), strict=True))
-    return specs
-
-
-def class_shares(spec_json: str) -> torch.Tensor:
+def class_shares(spec: dict[str, Any]) -> torch.Tensor:
     """(tokens, CLASSES): per generator token, the share of its pixels in each class (row-major tokens)."""
-    spec = json.loads(spec_json)
     size = int(spec["image_size"])
     labels = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(labels)
@@ -83,7 +72,8 @@ def class_shares(spec_json: str) -> torch.Tensor:
 
 def install(weight: float, block: int, starter: Path) -> None:
     """Patch `learning_curve`'s loader, optimizer builder and step so its run trains with the term."""
-    specs = load_specs(starter)
+    # Scene specs by id (the cache keeps the starter's ids), read by the starter's own reader.
+    specs = {row["id"]: row["spec"] for row in iter_split(starter, "train", decode=False)}
     shares = functools.lru_cache(maxsize=None)(lambda row_id: class_shares(specs[row_id]))
     state: dict[str, Any] = {"ids": None, "head": None, "terms": []}
 
