@@ -14,7 +14,7 @@ step draws its noise there, from the (seed, rank, step) generator).
 
 A run is `PRESET[:bN][:compile][:ac][:fused|:foreach][:keep]`: batch per GPU, per-block `torch.compile`
 (`scale.compile`), activation checkpointing (`scale.activation_checkpointing`), the AdamW kernels
-(`optim.implementation`, default auto = fused on CUDA) and `keep` = `scale.reshard_after_forward: false`.
+(`optim.implementation`, default auto = fused) and `keep` = `scale.reshard_after_forward: false`.
 
 What it writes (`gpu_fsdp.md` + `.json`, rewritten after every run so a cut-off job keeps what finished): per run,
 step time (CUDA events around each step, no host sync inside the timed window, median), samples/s, model FLOPs

@@ -20,7 +20,7 @@ from torch import nn
 
 from lidit.config import StrictModel
 from lidit.dit import LiDiT
-from lidit.layers import masked_mean
+from lidit.layers import MLP, masked_mean
 from lidit.presets import get_preset
 from lidit.refiner import CollaborativeRefiner, LinguisticTokenRefiner
 
@@ -64,6 +64,11 @@ class GeneratorConfig(StrictModel):
         False,
         description="depthwise 3x3 conv over the token grid inside every block's MLP (SANA's Mix-FFN; not in "
         "the paper): locality in every block",
+    )
+    mlp_activation: Literal["gelu_tanh", "gelu"] = Field(
+        "gelu_tanh",
+        description="every MLP's activation: gelu_tanh (DiT's tanh approximation) or gelu (exact, erf): the same "
+        "curve within 1e-3, at half the CPU time (torch's CPU tanh is the slow part)",
     )
     layout_head: bool = Field(
         False,
@@ -206,6 +211,10 @@ class LiDiTGenerator(nn.Module):
             config.conv_channels,
             config.mlp_conv,
         )
+        if config.mlp_activation == "gelu":  # MLPs are built with the tanh form; no weights depend on it
+            for module in self.modules():
+                if isinstance(module, MLP):
+                    module.act = nn.GELU()
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

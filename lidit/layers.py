@@ -88,9 +88,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear -> GELU(tanh) -> Linear, the DiT feed-forward. With `grid_conv`, a depthwise 3x3 conv over the
-    token grid between the linears (SANA's Mix-FFN): every block mixes neighbouring tokens, the locality a DiT
-    otherwise learns from data; `forward` then needs the grid."""
+    """Linear -> GELU(tanh) -> Linear, the DiT feed-forward (`GeneratorConfig.mlp_activation: gelu` swaps in
+    exact GELU). With `grid_conv`, a depthwise 3x3 conv over the token grid between the linears (SANA's
+    Mix-FFN): every block mixes neighbouring tokens, the locality a DiT otherwise learns from data; `forward`
+    then needs the grid."""
 
     def __init__(self, dim: int, ratio: float = 4.0, grid_conv: bool = False) -> None:
         super().__init__()
@@ -104,8 +105,11 @@ class MLP(nn.Module):
         """x (B, N, D); `grid` (h, w) with h * w = N, tokens row-major (only read with `grid_conv`)."""
         h = self.fc1(x)
         if self.conv is not None:
-            h = h.transpose(1, 2).reshape(x.shape[0], -1, *grid)  # (B, hidden, h, w)
-            h = self.conv(h).flatten(2).transpose(1, 2)  # (B, N, hidden)
+            b, n, hidden = h.shape
+            # Channels-last views both ways: the conv reads and writes the token layout without a copy
+            # (a contiguous NCHW round trip cost a copy of the hidden activations each way).
+            h = self.conv(h.view(b, *grid, hidden).permute(0, 3, 1, 2))  # (B, hidden, h, w), channels-last
+            h = h.permute(0, 2, 3, 1).reshape(b, n, hidden)  # (B, N, hidden)
         return self.fc2(self.act(h))
 
 

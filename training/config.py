@@ -110,7 +110,7 @@ class OptimSection(StrictModel):
     implementation: Literal["auto", "foreach", "fused"] = Field(
         "auto",
         description="AdamW kernels: fused = one kernel over all parameters per step; foreach = multi-tensor "
-        "ops; auto = fused on CUDA, foreach on CPU (training.step.build_optimizer)",
+        "ops; auto = fused (training.step.build_optimizer)",
     )
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lidit.generator import GeneratorConfig, LiDiTGenerator, TextBranchSpec, TextFeatures, count_parameters
+from lidit.layers import MLP
 from lidit.presets import PRESETS
 
 BRANCHES = [TextBranchSpec(name="llama", hidden_size=48), TextBranchSpec(name="qwen", hidden_size=64)]
@@ -103,6 +104,7 @@ def test_empty_prompt_without_prefix_is_finite() -> None:
         {"layout_head": True, "layout_attention": True},
         {"conv_channels": 16},
         {"mlp_conv": True},
+        {"mlp_conv": True, "mlp_activation": "gelu"},
     ],
 )
 def test_save_load_round_trip_is_exact(tmp_path, overrides: dict) -> None:
@@ -115,6 +117,20 @@ def test_save_load_round_trip_is_exact(tmp_path, overrides: dict) -> None:
         assert torch.equal(a, b), k
     x, t, texts = torch.randn(1, 4, 8, 8), torch.tensor([42.0]), _texts(b=1)
     assert torch.equal(model(x, t, texts), loaded(x, t, texts))
+
+
+def test_exact_gelu_swaps_every_mlp_activation_and_keeps_the_weights() -> None:
+    tanh = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES)))
+    exact = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, mlp_activation="gelu"))
+    exact.load_state_dict(tanh.state_dict(), strict=True)  # no weight depends on the activation
+    mlps = [m for m in exact.modules() if isinstance(m, MLP)]
+    assert len(mlps) == len([m for m in tanh.modules() if isinstance(m, MLP)]) > 4  # refiners' and blocks'
+    assert all(m.act.approximate == "none" for m in mlps)
+    assert all(m.act.approximate == "tanh" for m in tanh.modules() if isinstance(m, MLP))
+    x, t, texts = torch.randn(2, 4, 8, 8), torch.tensor([42.0, 700.0]), _texts(b=2)
+    a, b = tanh(x, t, texts), exact(x, t, texts)
+    assert not torch.equal(a, b)  # the swap took effect
+    assert torch.allclose(a, b, atol=0.02 * a.abs().max().item())  # the same curve within ~1e-3 per unit
 
 
 def test_single_llm_skips_collaborative_refiner() -> None:

@@ -166,7 +166,7 @@ def test_optimizer_kernels_follow_the_config() -> None:
             latents, texts = _batch(0, step)
             train_step(model, optim, ema, latents, texts, cfg, step, step_generator(0, 0, step))
         runs[kind] += (full_model_state(model),)
-    assert runs["auto"][:2] == (True, None)  # CPU parameters: foreach (fused is the CUDA default)
+    assert runs["auto"][:2] == (None, True)  # fused on every device, CPU included
     assert runs["foreach"][:2] == (True, None) and runs["fused"][:2] == (None, True)
     _assert_same(runs["fused"][2], runs["foreach"][2])  # same update rule, other kernels
     with pytest.raises(ValueError):
