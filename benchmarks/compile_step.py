@@ -1,9 +1,12 @@
-"""Per-block `torch.compile` against eager blocks, on the one train step, interleaved in one process.
+"""Variants of the one train step, interleaved in one process: per-block `torch.compile` against eager
+blocks, or any config overrides against the config as it is.
 
     python benchmarks/compile_step.py --cache /work/lh/cache --config configs/starter/train_long_layout.yaml \\
         [--steps 130] [--threads 1 --batch 16]   # one Ray worker's share of the layout recipe's step
+    ... --variants eager tanh-foreach --variant tanh-foreach=model.overrides.mlp_activation=gelu_tanh,\\
+        optim.implementation=foreach --name step_kernels_layout   # the recipe against other kernels
 
-Each variant is the config with `scale.*` overrides, built and wrapped as the loop builds one worker
+Each variant is the config with overrides, built and wrapped as the loop builds one worker
 (`training.parallelize.wrap_single_worker`) and trained with `training.step.train_step` on the run's first
 global batches (`benchmarks/train_throughput.py: decoded_batches`, the real loader's order and padding):
 
@@ -12,6 +15,7 @@ global batches (`benchmarks/train_throughput.py: decoded_batches`, the real load
               compile per text length the batches bring, up to torch's recompile limit)
 - compile@16: `scale.compile=true scale.compile_text_multiple=16` (each batch's text tokens padded to 16s)
 
+`--variant NAME=KEY=VALUE,KEY=VALUE` adds a variant with other overrides (repeatable; list it in `--variants`).
 Every variant runs `--warmup` steps first (where the compiles happen), then the variants take turns, `--chunk`
 steps each, until each has run the rest: the box's drift (10-20% over minutes here) falls on all of them
 alike. A compiled variant that meets a text length after the warm-up recompiles inside the timed steps, as it
@@ -123,7 +127,7 @@ def write_results(result: dict[str, Any], name: str) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        "# Per-block torch.compile against eager blocks (the one train step, interleaved in one process)",
+        "# Step variants against eager blocks (the one train step, interleaved in one process)",
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}; {result['threads']} thread(s)  ",
@@ -159,12 +163,29 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=10, help="steps per turn")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="another variant: NAME=KEY=VALUE[,KEY=VALUE...] (config overrides, as `--set`)",
+    )
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="which variants run, in order")
     parser.add_argument("--name", default="compile_step", help="results file stem")
     parser.add_argument("--no-write", action="store_true", help="print only; keep the results files")
     args = parser.parse_args()
     if args.steps <= args.warmup:
         raise SystemExit("--steps must exceed --warmup")
+    for spec in args.variant:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not name or not overrides:
+            raise SystemExit(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+        VARIANTS[name] = overrides.split(",")
+    unknown = [name for name in args.variants if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(
+            f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)} (add with --variant)"
+        )
     load_before = load_avg()
     result = measure(args)
     result.update(
