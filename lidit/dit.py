@@ -89,6 +89,7 @@ class DiTBlock(nn.Module):
         qk_norm: bool = True,
         layout_attention: bool = False,
         mlp_conv: bool = False,
+        mlp_activation: str = "gelu_tanh",
     ) -> None:
         super().__init__()
         # Per head, zero at init: how strongly a text token's layout offset pulls image tokens on its side.
@@ -98,7 +99,7 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = Attention(dim, heads, qk_norm=qk_norm)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(dim, mlp_ratio, grid_conv=mlp_conv)
+        self.mlp = MLP(dim, mlp_ratio, grid_conv=mlp_conv, activation=mlp_activation)
         self.ada = AdaLN(dim, dim, chunks=9)
 
     def forward(
@@ -155,6 +156,7 @@ class LiDiT(nn.Module):
         layout_attention: bool = False,
         conv_channels: int = 0,
         mlp_conv: bool = False,
+        mlp_activation: str = "gelu_tanh",
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -174,7 +176,8 @@ class LiDiT(nn.Module):
         self.patch_embed = nn.Conv2d(patch_in, dim, kernel_size=patch_size, stride=patch_size)
         self.pos_block = ConvPositionBlock(dim)
         self.blocks = nn.ModuleList(
-            DiTBlock(dim, heads, mlp_ratio, qk_norm, layout_attention, mlp_conv) for _ in range(depth)
+            DiTBlock(dim, heads, mlp_ratio, qk_norm, layout_attention, mlp_conv, mlp_activation)
+            for _ in range(depth)
         )
         self.final = FinalLayer(dim, patch_size, patch_in)
 

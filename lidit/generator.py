@@ -20,7 +20,7 @@ from torch import nn
 
 from lidit.config import StrictModel
 from lidit.dit import LiDiT
-from lidit.layers import MLP, masked_mean
+from lidit.layers import masked_mean
 from lidit.presets import get_preset
 from lidit.refiner import CollaborativeRefiner, LinguisticTokenRefiner
 
@@ -180,11 +180,14 @@ class LiDiTGenerator(nn.Module):
                 config.mlp_ratio,
                 causal=config.refiner_causal,
                 position=config.refiner_position,
+                mlp_activation=config.mlp_activation,
             )
             for e in config.encoders
         )
         self.collaborative = (
-            CollaborativeRefiner(len(config.encoders), d, config.heads, config.mlp_ratio)
+            CollaborativeRefiner(
+                len(config.encoders), d, config.heads, config.mlp_ratio, config.mlp_activation
+            )
             if len(config.encoders) > 1 and config.fusion == "collaborative"
             else None
         )
@@ -210,11 +213,8 @@ class LiDiTGenerator(nn.Module):
             config.layout_attention,
             config.conv_channels,
             config.mlp_conv,
+            config.mlp_activation,
         )
-        if config.mlp_activation == "gelu":  # MLPs are built with the tanh form; no weights depend on it
-            for module in self.modules():
-                if isinstance(module, MLP):
-                    module.act = nn.GELU()
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

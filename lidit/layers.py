@@ -87,18 +87,28 @@ class Attention(nn.Module):
         return self.to_out(out)
 
 
+# `GeneratorConfig.mlp_activation` -> `nn.GELU(approximate=...)`: no weight depends on the choice.
+MLP_ACTIVATIONS: dict[str, str] = {"gelu_tanh": "tanh", "gelu": "none"}
+
+
 class MLP(nn.Module):
-    """Linear -> GELU(tanh) -> Linear, the DiT feed-forward (`GeneratorConfig.mlp_activation: gelu` swaps in
-    exact GELU). With `grid_conv`, a depthwise 3x3 conv over the token grid between the linears (SANA's
+    """Linear -> GELU -> Linear, the DiT feed-forward: `activation` gelu_tanh (DiT's tanh approximation) or gelu
+    (exact, erf). With `grid_conv`, a depthwise 3x3 conv over the token grid between the linears (SANA's
     Mix-FFN): every block mixes neighbouring tokens, the locality a DiT otherwise learns from data; `forward`
     then needs the grid."""
 
-    def __init__(self, dim: int, ratio: float = 4.0, grid_conv: bool = False) -> None:
+    def __init__(
+        self, dim: int, ratio: float = 4.0, grid_conv: bool = False, activation: str = "gelu_tanh"
+    ) -> None:
         super().__init__()
+        if activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"unknown MLP activation {activation!r}; choose one of {', '.join(MLP_ACTIVATIONS)}"
+            )
         hidden = int(dim * ratio)
         self.fc1 = nn.Linear(dim, hidden)
         self.conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if grid_conv else None
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=MLP_ACTIVATIONS[activation])
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:

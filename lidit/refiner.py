@@ -17,13 +17,20 @@ from lidit.layers import MLP, AdaLN, Attention, masked_mean, modulate, sincos_1d
 class TokenRefinerBlock(nn.Module):
     """LayerNorm -> self-attention -> gated residual; LayerNorm -> MLP -> gated residual."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        causal: bool = False,
+        mlp_activation: str = "gelu_tanh",
+    ) -> None:
         super().__init__()
         self.causal = causal  # True only for the paper's causal-mask ablation
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm=True)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, mlp_ratio)
+        self.mlp = MLP(dim, mlp_ratio, activation=mlp_activation)
         self.gates = AdaLN(dim, dim, chunks=2)
 
     def forward(
@@ -68,12 +75,15 @@ class LinguisticTokenRefiner(nn.Module):
         mlp_ratio: float = 4.0,
         causal: bool = False,
         position: bool = False,
+        mlp_activation: str = "gelu_tanh",
     ) -> None:
         super().__init__()
         self.position = position
         self.proj = nn.Linear(llm_dim, dim)
         self.pool_mlp = nn.Sequential(nn.Linear(llm_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(TokenRefinerBlock(dim, heads, mlp_ratio, causal) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            TokenRefinerBlock(dim, heads, mlp_ratio, causal, mlp_activation) for _ in range(depth)
+        )
 
     def condition(self, states: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         """c = t_emb + MLP(masked mean of the raw LLM states): (B, D)."""
@@ -107,12 +117,14 @@ class CollaborativeBlock(nn.Module):
     """One branch's update: cross-attend from its own tokens to the other branches' tokens, then an MLP;
     each sub-layer modulated (shift/scale before, gate after) by c, zero-init so it starts as identity."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float = 4.0, mlp_activation: str = "gelu_tanh"
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross = Attention(dim, heads, qk_norm=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(dim, mlp_ratio)
+        self.mlp = MLP(dim, mlp_ratio, activation=mlp_activation)
         self.ada = AdaLN(dim, dim, chunks=6)
 
     def forward(
@@ -129,11 +141,20 @@ class CollaborativeBlock(nn.Module):
 class CollaborativeRefiner(nn.Module):
     """Fuses K >= 2 refined branches: each branch queries the concatenation of all the others."""
 
-    def __init__(self, num_branches: int, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        num_branches: int,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        mlp_activation: str = "gelu_tanh",
+    ) -> None:
         super().__init__()
         if num_branches < 2:
             raise ValueError("the collaborative refiner needs at least two LLM branches")
-        self.blocks = nn.ModuleList(CollaborativeBlock(dim, heads, mlp_ratio) for _ in range(num_branches))
+        self.blocks = nn.ModuleList(
+            CollaborativeBlock(dim, heads, mlp_ratio, mlp_activation) for _ in range(num_branches)
+        )
 
     def forward(
         self,

@@ -119,7 +119,7 @@ def test_save_load_round_trip_is_exact(tmp_path, overrides: dict) -> None:
     assert torch.equal(model(x, t, texts), loaded(x, t, texts))
 
 
-def test_exact_gelu_swaps_every_mlp_activation_and_keeps_the_weights() -> None:
+def test_exact_gelu_reaches_every_mlp_and_keeps_the_weights() -> None:
     tanh = _trained_like(LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES)))
     exact = LiDiTGenerator(GeneratorConfig.from_preset("tiny", BRANCHES, mlp_activation="gelu"))
     exact.load_state_dict(tanh.state_dict(), strict=True)  # no weight depends on the activation
@@ -129,7 +129,7 @@ def test_exact_gelu_swaps_every_mlp_activation_and_keeps_the_weights() -> None:
     assert all(m.act.approximate == "tanh" for m in tanh.modules() if isinstance(m, MLP))
     x, t, texts = torch.randn(2, 4, 8, 8), torch.tensor([42.0, 700.0]), _texts(b=2)
     a, b = tanh(x, t, texts), exact(x, t, texts)
-    assert not torch.equal(a, b)  # the swap took effect
+    assert not torch.equal(a, b)  # the activation took effect
     assert torch.allclose(a, b, atol=0.02 * a.abs().max().item())  # the same curve within ~1e-3 per unit
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lidit.layers import MLP
@@ -20,3 +21,12 @@ def test_grid_conv_mlp_mixes_grid_neighbours_only() -> None:
     expected = torch.zeros(grid, dtype=torch.bool)
     expected[0:3, 1:4] = True
     assert torch.equal(moved, expected)
+
+
+def test_mlp_activation_is_exact_or_tanh_gelu_and_nothing_else() -> None:
+    x = torch.linspace(-4, 4, 81).view(1, 81, 1)
+    exact, tanh = MLP(1, activation="gelu"), MLP(1, activation="gelu_tanh")
+    assert torch.equal(exact.act(x), torch.nn.functional.gelu(x))
+    assert torch.equal(tanh.act(x), torch.nn.functional.gelu(x, approximate="tanh"))
+    with pytest.raises(ValueError, match="unknown MLP activation 'relu'; choose one of gelu_tanh, gelu"):
+        MLP(1, activation="relu")
