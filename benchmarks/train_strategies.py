@@ -2,10 +2,12 @@
 
     python benchmarks/train_strategies.py --cache /work/lh/cache [--steps 40] [--batch 32]
 
-Each candidate runs `training.step.train_step` (the one step function) with the starter config's model and
-optimizer settings in `--world` processes over gloo at `--threads` threads each (2 x 1 = the two cores the Ray
-Train run uses), on each rank's slices of the run's first global batches (`training.data.bucketed_batches`,
-the order and padding a real run has), and reports the median step time after `--warmup` steps:
+Each candidate runs `training.step.train_step` (the one step function) with a training config's model and
+optimizer settings (`--config`, default the starter's; a layout or hard-negative recipe also gets the batch
+extras the loop feeds it) in `--world` processes over gloo at `--threads` threads each (2 x 1 = the two cores
+the Ray Train run uses), on each rank's slices of the run's first global batches
+(`training.data.bucketed_batches`, the order and padding a real run has), and reports the median step time
+after `--warmup` steps:
 
 - fsdp / fsdp_keep_unsharded (`reshard_after_forward=False`) / replicate / single (one process, no wrapper)
 - `+sync`: what the loop did before, an all-reduce and `.item()` of the loss after every step
@@ -80,7 +82,13 @@ def _worker(rank: int, world: int, candidate: str, args: argparse.Namespace, por
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     from training.data import bucketed_batches
-    from training.loop import build_generator_config, select_branches
+    from training.loop import (
+        batch_extras,
+        build_generator_config,
+        select_branches,
+        select_layout,
+        select_negatives,
+    )
 
     cfg = load_config(
         TrainConfig, args.config, [f"cache={args.cache}", f"batch_size={args.batch}", "scale.workers=1"]
@@ -88,9 +96,18 @@ def _worker(rank: int, world: int, candidate: str, args: argparse.Namespace, por
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
     names = cfg.model.encoders or reader.encoder_names
     per_rank = args.batch if single else args.batch // world
-    batches, source = [], bucketed_batches(reader, per_rank, rank, world, cfg.seed)
+    # The loop's batch extras (layout targets, hard negatives) when the config weights them: a layout recipe
+    # without its targets leaves the layout head out of the loss, and replicas refuse unused parameters.
+    batches, source = [], bucketed_batches(reader, per_rank, rank, world, cfg.seed, **batch_extras(cfg))
     for batch in source:
-        batches.append((batch.latents, select_branches(batch.texts, reader, names)))
+        batches.append(
+            (
+                batch.latents,
+                select_branches(batch.texts, reader, names),
+                select_negatives(batch.negatives, reader, names),
+                select_layout(batch.layout, reader, names),
+            )
+        )
         if len(batches) == args.warmup + args.steps:
             break
     source.close()
@@ -111,11 +128,10 @@ def _worker(rank: int, world: int, candidate: str, args: argparse.Namespace, por
     ema = (LoopEMA if "loop_ema" in flags else EMA)(model, cfg.optim.ema_decay)
     times = []
     for step in range(args.warmup + args.steps):
-        latents, texts = batches[step]
+        latents, texts, negatives, layout = batches[step]
         t0 = time.perf_counter()
-        result = train_step(
-            model, optim, ema, latents, texts, cfg, step, step_generator(cfg.seed, rank, step)
-        )
+        draws = step_generator(cfg.seed, rank, step)
+        result = train_step(model, optim, ema, latents, texts, cfg, step, draws, None, negatives, layout)
         if "sync" in flags:
             loss = result.loss.clone()
             if not single:
