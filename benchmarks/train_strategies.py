@@ -6,7 +6,8 @@ Each candidate runs `training.step.train_step` (the one step function) with a tr
 optimizer settings (`--config`, default the starter's; a layout or hard-negative recipe also gets the batch
 extras the loop feeds it) in `--world` processes over gloo at `--threads` threads each (2 x 1 = the two cores
 the Ray Train run uses), on each rank's slices of the run's first global batches
-(`training.data.bucketed_batches`, the order and padding a real run has), and reports the median step time
+(`benchmarks/train_throughput.py: decoded_batches` over `training.data.bucketed_batches`, the order and
+padding a real run has), and reports the median step time
 after `--warmup` steps:
 
 - fsdp / fsdp_keep_unsharded (`reshard_after_forward=False`) / replicate / single (one process, no wrapper)
@@ -81,36 +82,16 @@ def _worker(rank: int, world: int, candidate: str, args: argparse.Namespace, por
     if not single:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    from training.data import bucketed_batches
-    from training.loop import (
-        batch_extras,
-        build_generator_config,
-        select_branches,
-        select_layout,
-        select_negatives,
-    )
+    from benchmarks.train_throughput import decoded_batches
+    from training.loop import build_generator_config
 
     cfg = load_config(
         TrainConfig, args.config, [f"cache={args.cache}", f"batch_size={args.batch}", "scale.workers=1"]
     )
     reader = CacheReader(cfg.cache, version=cfg.cache_version)
-    names = cfg.model.encoders or reader.encoder_names
-    per_rank = args.batch if single else args.batch // world
-    # The loop's batch extras (layout targets, hard negatives) when the config weights them: a layout recipe
-    # without its targets leaves the layout head out of the loss, and replicas refuse unused parameters.
-    batches, source = [], bucketed_batches(reader, per_rank, rank, world, cfg.seed, **batch_extras(cfg))
-    for batch in source:
-        batches.append(
-            (
-                batch.latents,
-                select_branches(batch.texts, reader, names),
-                select_negatives(batch.negatives, reader, names),
-                select_layout(batch.layout, reader, names),
-            )
-        )
-        if len(batches) == args.warmup + args.steps:
-            break
-    source.close()
+    # With the loop's batch extras (layout targets, hard negatives) when the config weights them: a layout
+    # recipe without its targets leaves the layout head out of the loss, and replicas refuse unused parameters.
+    batches = decoded_batches(cfg, reader, rank, 1 if single else world, count=args.warmup + args.steps)
     torch.manual_seed(cfg.seed)
     model = LiDiTGenerator(build_generator_config(cfg, reader))
     if strategy in ("fsdp", "replicate"):
@@ -128,10 +109,12 @@ def _worker(rank: int, world: int, candidate: str, args: argparse.Namespace, por
     ema = (LoopEMA if "loop_ema" in flags else EMA)(model, cfg.optim.ema_decay)
     times = []
     for step in range(args.warmup + args.steps):
-        latents, texts, negatives, layout = batches[step]
+        latents, texts, layout, negatives = batches[step]
         t0 = time.perf_counter()
         draws = step_generator(cfg.seed, rank, step)
-        result = train_step(model, optim, ema, latents, texts, cfg, step, draws, None, negatives, layout)
+        result = train_step(
+            model, optim, ema, latents, texts, cfg, step, draws, negatives=negatives, layout=layout
+        )
         if "sync" in flags:
             loss = result.loss.clone()
             if not single:

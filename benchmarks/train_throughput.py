@@ -84,20 +84,25 @@ def steady_rate(windows: list[float]) -> float:
     return statistics.median(windows[1:])
 
 
-def decoded_batches(cfg: TrainConfig, reader: CacheReader) -> list[tuple]:
-    """The run's first `cfg.steps` global batches at world 1 as `train_step` takes them: (latents, texts,
-    layout, negatives), decoded before any clock starts. Recipes with layout targets or hard negatives also
-    read them per batch, as in the Ray loop."""
+def decoded_batches(
+    cfg: TrainConfig, reader: CacheReader, rank: int = 0, world: int = 1, count: int | None = None
+) -> list[tuple]:
+    """The run's first `count` (default `cfg.steps`) batches of `rank` of `world` (each `cfg.batch_size //
+    world` rows; default the global batches at world 1) as `train_step` takes them: (latents, texts, layout,
+    negatives), decoded before any clock starts. Recipes with layout targets or hard negatives also read them
+    per batch, as in the Ray loop."""
     from training.data import bucketed_batches
     from training.loop import batch_extras, select_branches, select_layout, select_negatives
 
     names = cfg.model.encoders or reader.encoder_names
-    batches, source = [], bucketed_batches(reader, cfg.batch_size, 0, 1, cfg.seed, **batch_extras(cfg))
+    count = cfg.steps if count is None else count
+    per_rank = cfg.batch_size // world
+    batches, source = [], bucketed_batches(reader, per_rank, rank, world, cfg.seed, **batch_extras(cfg))
     for batch in source:
         texts = select_branches(batch.texts, reader, names)
         hard = select_negatives(batch.negatives, reader, names)
         batches.append((batch.latents, texts, select_layout(batch.layout, reader, names), hard))
-        if len(batches) == cfg.steps:
+        if len(batches) == count:
             break
     source.close()  # stops its read-ahead threads before the clock starts
     return batches
