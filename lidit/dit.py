@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lidit.layers import MLP, AdaLN, Attention, modulate, sincos_1d
+from lidit.layers import MLP, AdaLN, Attention, MLPActivation, modulate, sincos_1d
 
 
 def sincos_2d(dim: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -89,7 +89,7 @@ class DiTBlock(nn.Module):
         qk_norm: bool = True,
         layout_attention: bool = False,
         mlp_conv: bool = False,
-        mlp_activation: str = "gelu_tanh",
+        mlp_activation: MLPActivation = "gelu_tanh",
     ) -> None:
         super().__init__()
         # Per head, zero at init: how strongly a text token's layout offset pulls image tokens on its side.
@@ -156,7 +156,7 @@ class LiDiT(nn.Module):
         layout_attention: bool = False,
         conv_channels: int = 0,
         mlp_conv: bool = False,
-        mlp_activation: str = "gelu_tanh",
+        mlp_activation: MLPActivation = "gelu_tanh",
     ) -> None:
         super().__init__()
         self.in_channels = in_channels

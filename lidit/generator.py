@@ -20,7 +20,7 @@ from torch import nn
 
 from lidit.config import StrictModel
 from lidit.dit import LiDiT
-from lidit.layers import masked_mean
+from lidit.layers import MLPActivation, masked_mean
 from lidit.presets import get_preset
 from lidit.refiner import CollaborativeRefiner, LinguisticTokenRefiner
 
@@ -65,7 +65,7 @@ class GeneratorConfig(StrictModel):
         description="depthwise 3x3 conv over the token grid inside every block's MLP (SANA's Mix-FFN; not in "
         "the paper): locality in every block",
     )
-    mlp_activation: Literal["gelu_tanh", "gelu"] = Field(
+    mlp_activation: MLPActivation = Field(
         "gelu_tanh",
         description="every MLP's activation: gelu_tanh (DiT's tanh approximation) or gelu (exact, erf): the same "
         "curve within 1e-3, at half the CPU time (torch's CPU tanh is the slow part)",

@@ -3,6 +3,8 @@ masks, MLPs, adaLN modulation helpers and masked pooling. Single-device PyTorch,
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,7 +90,8 @@ class Attention(nn.Module):
 
 
 # `GeneratorConfig.mlp_activation` -> `nn.GELU(approximate=...)`: no weight depends on the choice.
-MLP_ACTIVATIONS: dict[str, str] = {"gelu_tanh": "tanh", "gelu": "none"}
+MLPActivation = Literal["gelu_tanh", "gelu"]
+MLP_ACTIVATIONS: dict[MLPActivation, str] = {"gelu_tanh": "tanh", "gelu": "none"}
 
 
 class MLP(nn.Module):
@@ -98,7 +101,7 @@ class MLP(nn.Module):
     then needs the grid."""
 
     def __init__(
-        self, dim: int, ratio: float = 4.0, grid_conv: bool = False, activation: str = "gelu_tanh"
+        self, dim: int, ratio: float = 4.0, grid_conv: bool = False, activation: MLPActivation = "gelu_tanh"
     ) -> None:
         super().__init__()
         if activation not in MLP_ACTIVATIONS:

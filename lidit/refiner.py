@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lidit.layers import MLP, AdaLN, Attention, masked_mean, modulate, sincos_1d
+from lidit.layers import MLP, AdaLN, Attention, MLPActivation, masked_mean, modulate, sincos_1d
 
 
 class TokenRefinerBlock(nn.Module):
@@ -23,7 +23,7 @@ class TokenRefinerBlock(nn.Module):
         heads: int,
         mlp_ratio: float = 4.0,
         causal: bool = False,
-        mlp_activation: str = "gelu_tanh",
+        mlp_activation: MLPActivation = "gelu_tanh",
     ) -> None:
         super().__init__()
         self.causal = causal  # True only for the paper's causal-mask ablation
@@ -75,7 +75,7 @@ class LinguisticTokenRefiner(nn.Module):
         mlp_ratio: float = 4.0,
         causal: bool = False,
         position: bool = False,
-        mlp_activation: str = "gelu_tanh",
+        mlp_activation: MLPActivation = "gelu_tanh",
     ) -> None:
         super().__init__()
         self.position = position
@@ -118,7 +118,7 @@ class CollaborativeBlock(nn.Module):
     each sub-layer modulated (shift/scale before, gate after) by c, zero-init so it starts as identity."""
 
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: float = 4.0, mlp_activation: str = "gelu_tanh"
+        self, dim: int, heads: int, mlp_ratio: float = 4.0, mlp_activation: MLPActivation = "gelu_tanh"
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -147,7 +147,7 @@ class CollaborativeRefiner(nn.Module):
         dim: int,
         heads: int,
         mlp_ratio: float = 4.0,
-        mlp_activation: str = "gelu_tanh",
+        mlp_activation: MLPActivation = "gelu_tanh",
     ) -> None:
         super().__init__()
         if num_branches < 2:
